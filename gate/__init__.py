@@ -1,0 +1,1 @@
+"""mmogate: a game gateway on Twisted."""

@@ -1,0 +1,225 @@
+"""
+Gate configuration: the keys of PROTOCOL.md section 7, their types and
+defaults, loaded from TOML.
+
+Every key the gate reads is declared once in L{SCHEMA}; loading checks names
+and types up front so that a typo stops start-up with a line naming the key
+instead of surfacing hours later as a default silently used.
+"""
+
+import os
+import secrets
+import socket
+import tomllib
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used; the message names the key.
+    """
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: type
+    default: object
+    doc: str
+    minimum: float | None = None
+    choices: tuple = ()
+    #: Required when a config file is given; the built-in development
+    #: defaults (no file) supply a value.
+    required: bool = False
+
+
+def _gate_id():
+    return socket.gethostname() or "gate"
+
+
+SCHEMA = (
+    Key("gate.id", str, None, "This gate's name, unique among gates sharing a store "
+        "(default: the host name)."),
+    Key("gate.api_url", str, "", "The push API URL announced to backends in "
+        "POST /gates (default: derived from listen.api)."),
+    Key("gate.advertise", list, [], "Client addresses announced to backends as "
+        "'listen' (default: derived from listen.tcp and listen.ws)."),
+    Key("listen.tcp", str, "tcp:8080:interface=127.0.0.1",
+        "Length-framed TCP listener (Twisted endpoint string, '' to disable)."),
+    Key("listen.ws", str, "tcp:8081:interface=127.0.0.1",
+        "WebSocket listener, path /ws ('' to disable)."),
+    Key("listen.api", str, "tcp:8090:interface=127.0.0.1",
+        "Push and admin API listener."),
+    Key("listen.metrics", str, "tcp:9090:interface=127.0.0.1",
+        "/metrics, /health and /ready ('' to disable)."),
+    Key("backend.url", str, "", "Base URL of the game backend; unset runs the "
+        "bundled reference backend in-process."),
+    Key("backend.timeout", float, 10.0, "Seconds a backend call may take.",
+        minimum=0.001),
+    Key("backend.secret", str, "", "HMAC-SHA256 key for X-Mmogate-Signature "
+        "('' sends no signature)."),
+    Key("backend.register_interval", float, 30.0, "Seconds between POST /gates "
+        "registrations (0 turns them off).", minimum=0),
+    Key("backend.max_connections", int, 256, "Persistent HTTP connections kept "
+        "to the backend.", minimum=1),
+    Key("backend.events_max", int, 100000, "Lifecycle events kept for delivery "
+        "while the backend is away; the oldest are dropped beyond it.", minimum=1),
+    Key("backend.events_retry_max", float, 60.0, "Longest backoff between "
+        "lifecycle event delivery attempts.", minimum=0.01),
+    Key("api.key", str, "", "Bearer token for the push and admin API.",
+        required=True),
+    Key("api.max_body", int, 1048576, "Largest API request body in bytes.",
+        minimum=2),
+    Key("auth.secret", str, "", "HS256 key for auth tokens and resume tokens.",
+        required=True),
+    Key("auth.resume_ttl", float, 7 * 86400.0, "Lifetime of a resume token in "
+        "seconds.", minimum=1),
+    Key("session.max_frame", int, 65536, "Largest client payload in bytes.",
+        minimum=16),
+    Key("session.heartbeat_ttl", float, 60.0, "A session silent this long is "
+        "closed; the gate pings it at half the time.", minimum=0.01),
+    Key("session.max_inflight", int, 64, "Requests one session may have "
+        "queued or running; more are answered busy.", minimum=1),
+    Key("player.idle_timeout", float, 1800.0, "A player without a session this "
+        "long is removed with its mailbox.", minimum=0.01),
+    Key("player.mailbox_max", int, 1000, "Persistent pushes kept per player.",
+        minimum=1),
+    Key("workers.min", int, 8, "Workers kept even when idle.", minimum=0),
+    Key("workers.max", int, 256, "Most backend calls in flight at once.",
+        minimum=1),
+    Key("workers.grow_queue", int, 16, "Queue length above which the pool "
+        "adds a worker.", minimum=0),
+    Key("workers.idle_timeout", float, 60.0, "Seconds an idle worker above "
+        "workers.min lives.", minimum=0.001),
+    Key("workers.max_queue", int, 10000, "Requests waiting for a worker; more "
+        "are answered busy.", minimum=1),
+    Key("shutdown.grace", float, 10.0, "Seconds a stopping gate waits for "
+        "backend calls and lifecycle events to finish.", minimum=0),
+    Key("log.json_file", str, "", "Also write structured JSON log lines here "
+        "('-' for standard output, '' for none)."),
+)
+
+KEYS = {key.name: key for key in SCHEMA}
+
+
+def _flatten(table, prefix=""):
+    for name, value in table.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _coerce(key, value):
+    if key.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key.name}: expected a number, got {value!r}")
+        value = float(value)
+    elif key.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key.name}: expected an integer, got {value!r}")
+    elif key.type is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key.name}: expected true or false, got {value!r}")
+    elif key.type is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key.name}: expected a string, got {value!r}")
+    elif key.type is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key.name}: expected a list of strings, got {value!r}")
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"{key.name}: must be at least {key.minimum}, got {value!r}")
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"{key.name}: must be one of {', '.join(key.choices)}, "
+                          f"got {value!r}")
+    return value
+
+
+class Config:
+    """
+    A checked, read-only set of configuration values, read as
+    C{config["session.max_frame"]}.
+    """
+
+    def __init__(self, values):
+        self._values = dict(values)
+
+    def __getitem__(self, name):
+        return self._values[name]
+
+    def replace(self, **changes):
+        """
+        A copy with some values changed, checked like a file's; keys are given
+        with C{__} for C{.} (C{session__max_frame=10}).
+        """
+        values = dict(self._values)
+        for name, value in changes.items():
+            dotted = name.replace("__", ".")
+            if dotted not in KEYS:
+                raise ConfigError(f"{dotted}: unknown configuration key")
+            values[dotted] = _coerce(KEYS[dotted], value)
+        return Config(values)
+
+    def as_dict(self):
+        return dict(self._values)
+
+
+def from_mapping(table, *, from_file=True):
+    """
+    Check a (possibly nested) mapping of settings and fill in defaults.
+
+    @param from_file: whether the mapping came from an operator's file, in
+        which case the keys marked required must be present; the built-in
+        development defaults generate an API key and auth secret instead.
+    """
+    values = {}
+    for name, value in _flatten(table):
+        key = KEYS.get(name)
+        if key is None:
+            raise ConfigError(f"{name}: unknown configuration key")
+        values[name] = _coerce(key, value)
+    for key in SCHEMA:
+        if key.name in values:
+            continue
+        if key.required and from_file:
+            raise ConfigError(f"{key.name}: required key is missing")
+        values[key.name] = key.default
+    if not values["gate.id"]:
+        values["gate.id"] = _gate_id()
+    if not from_file:
+        if not values["api.key"]:
+            values["api.key"] = DEV_API_KEY
+        if not values["auth.secret"]:
+            values["auth.secret"] = secrets.token_hex(32)
+    for name in ("api.key", "auth.secret"):
+        if not values[name]:
+            raise ConfigError(f"{name}: must not be empty")
+    if values["workers.max"] < values["workers.min"]:
+        raise ConfigError("workers.max: must be at least workers.min")
+    if not values["listen.api"]:
+        raise ConfigError("listen.api: the push API listener cannot be disabled")
+    return Config(values)
+
+
+#: The API key of a gate started without a config file: such a gate listens on
+#: loopback only, and a known key lets the README's curl walk-through work.
+DEV_API_KEY = "dev-api-key"
+
+
+def load(path=None):
+    """
+    Read the TOML file at C{path}, or the development defaults when C{None}.
+
+    @raise ConfigError: naming the offending key, or the file's problem.
+    """
+    if path is None:
+        return from_mapping({}, from_file=False)
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{os.path.basename(path)}: not valid TOML: {e}")
+    return from_mapping(table, from_file=True)

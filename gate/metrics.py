@@ -1,0 +1,93 @@
+"""
+Prometheus metrics of one gate, in a registry of its own so several gates
+(in tests, say) can live in one process.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Distinct route labels kept before the rest are counted as 'other', so a
+#: client inventing route names cannot grow the metrics without bound.
+MAX_ROUTE_LABELS = 200
+
+
+class Metrics:
+    def __init__(self, gate_id):
+        self.registry = r = CollectorRegistry()
+        self.sessions = Gauge("mmogate_sessions", "Open client sessions",
+                              ["transport"], registry=r)
+        self.players_gauge = Gauge("mmogate_players", "Players known to this "
+                                   "gate", ["state"], registry=r)
+        self.requests = Counter("mmogate_requests", "Client requests served",
+                                ["route", "outcome"], registry=r)
+        self.latency = Histogram(
+            "mmogate_request_seconds", "Time to answer a request", ["route"],
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5,
+                     5, 10, 30), registry=r)
+        self.pushes = Counter("mmogate_pushes", "Pushes by outcome",
+                              ["outcome"], registry=r)
+        self.pool_size = Gauge("mmogate_workers", "Workers in the pool",
+                               registry=r)
+        self.pool_busy = Gauge("mmogate_workers_busy", "Workers running a "
+                               "backend call", registry=r)
+        self.pool_queue = Gauge("mmogate_worker_queue", "Requests waiting for "
+                                "a worker", registry=r)
+        self.mailbox = Gauge("mmogate_mailbox_messages", "Persistent pushes "
+                             "retained in mailboxes", registry=r)
+        self.kicks = Counter("mmogate_kicks", "Sessions kicked", ["reason"],
+                             registry=r)
+        self.bad = Counter("mmogate_bad_input", "Client input refused",
+                           ["code"], registry=r)
+        self.events = Counter("mmogate_lifecycle_events", "Lifecycle events to "
+                              "the backend", ["outcome"], registry=r)
+        self._routes = set()
+
+    def session_opened(self, transport):
+        self.sessions.labels(transport).inc()
+
+    def session_closed(self, transport):
+        self.sessions.labels(transport).dec()
+
+    def players(self, online, offline):
+        self.players_gauge.labels("online").set(online)
+        self.players_gauge.labels("offline").set(offline)
+
+    def request(self, route, outcome, seconds):
+        if route not in self._routes:
+            if len(self._routes) >= MAX_ROUTE_LABELS:
+                route = "other"
+            else:
+                self._routes.add(route)
+        self.requests.labels(route, outcome).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def pushed(self, result, persist):
+        if result.dropped:
+            self.pushes.labels("dropped").inc(result.dropped)
+        if result.unknown:
+            self.pushes.labels("unknown").inc(len(result.unknown))
+        if not persist and result.delivered:
+            self.pushes.labels("delivered").inc(result.delivered)
+
+    def push_outcome(self, outcome, n=1):
+        if n:
+            self.pushes.labels(outcome).inc(n)
+
+    def pool(self, size, busy, queued):
+        self.pool_size.set(size)
+        self.pool_busy.set(busy)
+        self.pool_queue.set(queued)
+
+    def kicked(self, reason):
+        self.kicks.labels(reason).inc()
+
+    def bad_input(self, code):
+        self.bad.labels(code).inc()
+
+    def event(self, outcome):
+        self.events.labels(outcome).inc()
+
+    def watch_mailboxes(self, total):
+        """
+        Read the mailbox gauge from C{total()} at each scrape.
+        """
+        self.mailbox.set_function(total)

@@ -1,0 +1,330 @@
+"""
+The gate as a tree of services: listeners, registration, and the objects of
+the seed design (SessionManager, PlayerManager, WorkerPool) between them.
+
+Stopping follows the seed design's order: stop accepting, tell each session
+(C{kick} C{shutdown}), let in-flight backend calls finish, flush lifecycle
+events, stop the pool, then close the API and the backend connections.
+"""
+
+import socket
+import sys
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import (Deferred, gatherResults, inlineCallbacks,
+                                    succeed)
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger, globalLogPublisher
+from twisted.web.server import Site
+
+from gate.api import APIResource, APISite
+from gate.backend import HTTPBackend
+from gate.events import EventSender
+from gate.health import health_site
+from gate.logs import JSONLineObserver
+from gate.metrics import Metrics
+from gate.player import PlayerManager
+from gate.registration import Registrar
+from gate.session import SessionManager
+from gate.tcp import GateTCPFactory
+from gate.tokens import Tokens
+from gate.websocket import WS_PATH, GateWebSocketFactory
+from gate.workers import WorkerPool
+
+#: Where the in-process reference backend listens (port chosen by the OS).
+REFERENCE_BACKEND_ENDPOINT = "tcp:0:interface=127.0.0.1"
+
+
+class Listener(Service):
+    """
+    One server endpoint, bound in C{privilegedStartService} so that twistd
+    can bind low ports before dropping privileges; a bind failure stops
+    start-up with the endpoint's error.
+    """
+
+    log = Logger()
+
+    def __init__(self, name, description, factory, reactor):
+        self.setName(name)
+        self.description = description
+        self.factory = factory
+        self._reactor = reactor
+        self.port = None
+
+    def privilegedStartService(self):
+        Service.privilegedStartService(self)
+        if self.port is not None:
+            return
+        endpoint = serverFromString(self._reactor, self.description)
+        d = endpoint.listen(self.factory)
+        failures = []
+        d.addCallbacks(self._bound, failures.append)
+        if failures:
+            failures[0].raiseException()
+        if self.port is None:
+            raise RuntimeError(f"listen.{self.name}: endpoint "
+                               f"{self.description!r} did not bind at once")
+
+    def _bound(self, port):
+        self.port = port
+        host = port.getHost()
+        self._address = (host.host, host.port)
+        self.log.info("listening for {name} on {host}:{port}", name=self.name,
+                      host=host.host, port=host.port)
+
+    def startService(self):
+        if self.port is None:
+            self.privilegedStartService()
+        Service.startService(self)
+
+    def stopService(self):
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return succeed(None)
+
+    def address(self):
+        """
+        C{(host, port)} actually bound (still known after stopping).
+        """
+        return self._address
+
+
+def _public_host(host):
+    if host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return f"[{host}]" if ":" in host else host
+
+
+def _within(d, seconds, clock):
+    """
+    C{d}, or nothing after C{seconds}: shutdown steps are bounded.
+    """
+    if seconds <= 0:
+        d.cancel() if not d.called else None
+        return succeed(None)
+    bounded = Deferred()
+    timer = clock.callLater(seconds, lambda: bounded.called or
+                            bounded.callback(None))
+
+    def done(result):
+        if timer.active():
+            timer.cancel()
+        if not bounded.called:
+            bounded.callback(None)
+
+    d.addBoth(done)
+    return bounded
+
+
+class GateService(MultiService):
+    """
+    One gate.
+
+    @param config: a L{gate.config.Config}.
+    @param reactor: the reactor for endpoints and time (default: the global
+        reactor).
+    @param backend: an L{IBackendClient} to use instead of an HTTP one.
+    @param directory: an L{IPlayerDirectory} (default: in memory).
+    @param mailboxes: an L{IMailboxStore} (default: in memory).
+    """
+
+    log = Logger()
+
+    def __init__(self, config, reactor=None, backend=None, directory=None,
+                 mailboxes=None):
+        MultiService.__init__(self)
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.gate_id = config["gate.id"]
+        self.metrics = Metrics(self.gate_id)
+        self.tokens = Tokens(config["auth.secret"], reactor,
+                             config["auth.resume_ttl"])
+        if mailboxes is None or directory is None:
+            from mmogate_plugins.memory import (MemoryMailboxStore,
+                                                MemoryPlayerDirectory)
+            if mailboxes is None:
+                mailboxes = MemoryMailboxStore(reactor,
+                                               config["player.mailbox_max"],
+                                               config["player.idle_timeout"])
+            if directory is None:
+                directory = MemoryPlayerDirectory()
+        if hasattr(mailboxes, "total"):
+            self.metrics.watch_mailboxes(mailboxes.total)
+        self.reference = None
+        self.listeners = {}
+        if backend is None:
+            backend = HTTPBackend(reactor, config["backend.url"], self.gate_id,
+                                  config["backend.timeout"],
+                                  config["backend.secret"],
+                                  config["backend.max_connections"])
+            if not config["backend.url"]:
+                self._add_reference_backend()
+        self.backend = backend
+        self.events = EventSender(reactor, backend, self.gate_id,
+                                  config["backend.events_max"],
+                                  config["backend.events_retry_max"],
+                                  self.metrics)
+        self.pool = WorkerPool(reactor, config["workers.min"],
+                               config["workers.max"],
+                               config["workers.grow_queue"],
+                               config["workers.idle_timeout"],
+                               config["workers.max_queue"], self.metrics)
+        self.players = PlayerManager(reactor, self.gate_id, directory,
+                                     mailboxes, self.events,
+                                     config["player.idle_timeout"],
+                                     self.metrics)
+        self.sessions = SessionManager(reactor, config, self.players,
+                                       self.pool, backend, self.tokens,
+                                       self.metrics)
+        self._listen("api", config["listen.api"],
+                     APISite(APIResource(self, config["api.key"]),
+                             config["api.max_body"]))
+        if config["listen.metrics"]:
+            self._listen("metrics", config["listen.metrics"],
+                         health_site(self))
+        if config["listen.tcp"]:
+            self._listen("tcp", config["listen.tcp"],
+                         GateTCPFactory(self.sessions,
+                                        config["session.max_frame"], reactor))
+        if config["listen.ws"]:
+            self._listen("ws", config["listen.ws"],
+                         GateWebSocketFactory(self.sessions,
+                                              config["session.max_frame"],
+                                              reactor))
+        self.registrar = Registrar(reactor, backend, self.gate_id,
+                                   config["backend.register_interval"],
+                                   self.describe)
+        self.registrar.setName("registrar")
+        self.registrar.setServiceParent(self)
+        self._json_log = None
+        self._stopping = None
+
+    def _add_reference_backend(self):
+        from backend.reference import ReferenceBackend
+        self.reference = ReferenceBackend(self.reactor,
+                                          api_key=self.config["api.key"],
+                                          secret=self.config["backend.secret"]
+                                          or None)
+        site = Site(self.reference.resource())
+        site.noisy = False
+        site.log = lambda request: None
+        self._listen("backend", REFERENCE_BACKEND_ENDPOINT, site)
+
+    def _listen(self, name, description, factory):
+        listener = Listener(name, description, factory, self.reactor)
+        listener.setServiceParent(self)
+        self.listeners[name] = listener
+
+    def address(self, name):
+        """
+        C{(host, port)} the listener C{name} is bound to.
+        """
+        return self.listeners[name].address()
+
+    def describe(self):
+        """
+        C{(api_url, listen)} as announced to backends.
+        """
+        api_url = self.config["gate.api_url"]
+        if not api_url:
+            host, port = self.address("api")
+            api_url = f"http://{_public_host(host)}:{port}"
+        listen = list(self.config["gate.advertise"])
+        if not listen:
+            if "tcp" in self.listeners:
+                host, port = self.address("tcp")
+                listen.append(f"tcp://{_public_host(host)}:{port}")
+            if "ws" in self.listeners:
+                host, port = self.address("ws")
+                listen.append(f"ws://{_public_host(host)}:{port}{WS_PATH}")
+        return api_url, listen
+
+    def privilegedStartService(self):
+        # Listeners bind here, in the order added: the reference backend
+        # and the API before the client listeners.
+        MultiService.privilegedStartService(self)
+        self._wire_reference()
+
+    def _wire_reference(self):
+        if self.reference is not None and "backend" in self.listeners \
+                and self.listeners["backend"].port is not None:
+            host, port = self.address("backend")
+            self.backend.url = f"http://{host}:{port}"
+            api_host, api_port = self.address("api")
+            if api_host in ("0.0.0.0", "::"):
+                api_host = "127.0.0.1"
+            self.reference.api_url = f"http://{api_host}:{api_port}"
+
+    def startService(self):
+        path = self.config["log.json_file"]
+        if path:
+            stream = sys.stdout if path == "-" else open(path, "a")
+            self._json_log = (JSONLineObserver(stream, self.gate_id), stream)
+            globalLogPublisher.addObserver(self._json_log[0])
+        for listener in self.listeners.values():
+            if listener.port is None:
+                listener.privilegedStartService()
+        self._wire_reference()
+        MultiService.startService(self)
+        self.log.info("gate {gate_id} started", gate_id=self.gate_id)
+
+    def not_ready_because(self):
+        """
+        Why the gate should not get new clients now, or C{None}.
+        """
+        if not self.running:
+            return "not running"
+        if not self.sessions.accepting:
+            return "not accepting clients"
+        if getattr(self.backend, "reachable", None) is False:
+            return "backend unreachable"
+        return None
+
+    def stopService(self):
+        if self._stopping is None:
+            self._stopping = self._stop()
+        return self._stopping
+
+    @inlineCallbacks
+    def _stop(self):
+        clock = self.reactor
+        grace = self.config["shutdown.grace"]
+        deadline = clock.seconds() + grace
+
+        def left():
+            return max(0.0, deadline - clock.seconds())
+
+        Service.stopService(self)
+        self.log.info("gate {gate_id} stopping", gate_id=self.gate_id)
+        # 1. Stop accepting.
+        self.sessions.accepting = False
+        yield gatherResults([self.listeners[name].stopService()
+                             for name in ("tcp", "ws")
+                             if name in self.listeners])
+        # 2. Tell each session, and wait for them to go.
+        self.sessions.kick_all("shutdown", "the gate is shutting down")
+        yield _within(self.sessions.wait_empty(), left(), clock)
+        # 3. Finish (or give up on) in-flight backend calls.
+        yield _within(self.pool.stop(), left(), clock)
+        # 4. Flush lifecycle events and say goodbye to the backend.
+        self.players.stop()
+        yield _within(self.events.flush(), left(), clock)
+        self.events.stop()
+        yield _within(self.registrar.announce("down"),
+                      max(left(), min(1.0, grace)), clock)
+        # 5. Everything else, in reverse order of starting.
+        remaining = [s for s in reversed(list(self))
+                     if s.running and s is not self]
+        for service in remaining:
+            yield service.stopService()
+        yield self.backend.close()
+        if self._json_log is not None:
+            observer, stream = self._json_log
+            globalLogPublisher.removeObserver(observer)
+            if stream is not sys.stdout:
+                stream.close()
+        self.log.info("gate {gate_id} stopped", gate_id=self.gate_id)

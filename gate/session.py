@@ -1,0 +1,429 @@
+"""
+Sessions and the L{SessionManager} of the seed design.
+
+A L{Session} is one client connection's state: its ordered lane of
+requests, its heartbeat, and the delivery of pushes (held back while a
+resume replays the mailbox, so nothing is sent twice or out of order). The
+L{SessionManager} creates sessions for connections and carries out what
+their envelopes ask, through the worker pool and the backend client.
+"""
+
+import secrets
+from collections import deque
+
+from twisted.internet.defer import maybeDeferred, succeed
+from twisted.logger import Logger
+
+from gate import envelope, errors
+from gate.errors import GateError, ProtocolViolation
+from gate.tokens import TokenError
+
+
+class Session:
+    """
+    One client connection, bound to a player after login.
+
+    @param connection: the L{IClientConnection} under it.
+    """
+
+    log = Logger()
+
+    def __init__(self, manager, connection, session_id, clock):
+        self.manager = manager
+        self.connection = connection
+        self.id = session_id
+        self._clock = clock
+        self.player = None
+        self.closed = False
+        # Set once a kick or a protocol error was sent: nothing else goes
+        # out, nothing more is read, the connection is closing.
+        self.closing = False
+        self.since = clock.seconds()
+        self.last_recv = self.since
+        self._lane = deque()
+        self._running = False
+        # Highest persistent seq written to this connection: a push at or
+        # below it is a duplicate (a live push also read by a resume).
+        self.delivered_seq = 0
+        self._replaying = False
+        self._held = []
+        self._heartbeat = None
+        self._pinged_for = None
+
+    @property
+    def transport_name(self):
+        return self.connection.transport_name
+
+    @property
+    def peer(self):
+        return self.connection.peer
+
+    @property
+    def player_id(self):
+        return self.player.player_id if self.player is not None else None
+
+    # From the connection.
+
+    def receive(self, payload):
+        """
+        One payload from the client.
+        """
+        if self.closed or self.closing:
+            return
+        self.last_recv = self._clock.seconds()
+        try:
+            env = envelope.parse(payload)
+        except ProtocolViolation as e:
+            self.manager.bad_input(self, e.code)
+            self.fail(e.code, e.msg)
+            return
+        except GateError as e:
+            self.manager.bad_input(self, e.code)
+            self.send(envelope.err(getattr(e, "id", None), e.code, e.msg))
+            return
+        kind = env.type
+        if kind == "ping":
+            self.send(envelope.message({"t": "pong", "ts": env["ts"]}))
+        elif kind == "pong":
+            pass
+        elif kind == "ack":
+            if self.player is not None:
+                self.manager.players.ack(self.player, env["seq"])
+        else:
+            if len(self._lane) + self._running >= self.manager.max_inflight:
+                self.send(envelope.err(env.id, errors.BUSY,
+                                       "too many requests in flight on this "
+                                       "connection"))
+                return
+            self._lane.append(env)
+            if not self._running:
+                self._next()
+
+    def frame_too_large(self, size, limit):
+        self.manager.bad_input(self, errors.FRAME_TOO_LARGE)
+        self.fail(errors.FRAME_TOO_LARGE,
+                  f"frame of {size} bytes is over the limit of {limit}")
+
+    def lost(self):
+        """
+        The connection is gone.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self._lane.clear()
+        self._held = []
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+        self.manager.closed(self)
+
+    # The request lane: one request of a session at a time, in order.
+
+    def _next(self):
+        while self._lane and not self._running and not self.closed:
+            env = self._lane.popleft()
+            self._running = True
+            d = maybeDeferred(self.manager.handle, self, env)
+            d.addErrback(self._failed, env)
+            d.addBoth(self._done)
+
+    def _failed(self, failure, env):
+        if failure.check(GateError):
+            e = failure.value
+            self.send(envelope.err(env.id, e.code, e.msg))
+        else:
+            self.log.failure("request {kind} {id} of session {session_id} "
+                             "failed", failure, kind=env.type, id=env.id,
+                             session_id=self.id)
+            self.send(envelope.err(env.id, errors.INTERNAL,
+                                   "internal error in the gate"))
+
+    def _done(self, _):
+        self._running = False
+        self._next()
+
+    # To the client.
+
+    def send(self, outgoing):
+        if not (self.closed or self.closing):
+            self.connection.send(outgoing)
+
+    def push(self, outgoing):
+        """
+        Deliver a push: persistent ones at most once per connection and,
+        during a resume, only after the replayed mailbox.
+        """
+        if self.closed or self.closing:
+            return
+        if self._replaying:
+            self._held.append(outgoing)
+            return
+        seq = outgoing.seq
+        if seq is not None:
+            if seq <= self.delivered_seq:
+                return
+            self.delivered_seq = seq
+        self.connection.send(outgoing)
+
+    def begin_replay(self):
+        """
+        Hold live pushes until L{end_replay}.
+        """
+        self._replaying = True
+
+    def end_replay(self, gap, entries):
+        """
+        Send a resume's gap notice and mailbox, then what was held, each
+        persistent push once and in seq order.
+        """
+        self._replaying = False
+        held, self._held = self._held, []
+        if self.closed:
+            return
+        if gap is not None:
+            self.connection.send(envelope.message(
+                {"t": "gap", "from": gap[0], "to": gap[1]}))
+        for entry in entries:
+            if entry.seq > self.delivered_seq:
+                self.delivered_seq = entry.seq
+                self.connection.send(envelope.Outgoing(
+                    envelope.encode(entry.as_dict()), seq=entry.seq))
+        for outgoing in held:
+            self.push(outgoing)
+
+    def kick(self, reason, msg):
+        """
+        Send C{kick} and close once it is written.
+        """
+        if self.closed or self.closing:
+            return
+        self.closing = True
+        self.manager.kicked(self, reason)
+        self.connection.send(envelope.message(
+            {"t": "kick", "reason": reason, "msg": msg}))
+        self.connection.close()
+
+    def fail(self, code, msg):
+        """
+        Answer a protocol violation with an C{err} and close.
+        """
+        if self.closed or self.closing:
+            return
+        self.closing = True
+        self.connection.send(envelope.err(None, code, msg))
+        self.connection.close()
+
+    # Heartbeat: ping a quiet client at half the TTL, close it at the TTL.
+
+    def start_heartbeat(self, ttl):
+        self._ttl = ttl
+        self._heartbeat = self._clock.callLater(ttl / 2, self._check_heartbeat)
+
+    def _check_heartbeat(self):
+        self._heartbeat = None
+        if self.closed:
+            return
+        ttl = self._ttl
+        now = self._clock.seconds()
+        last = self.last_recv
+        silent = now - last
+        if silent >= ttl:
+            self.kick("idle", f"nothing received for {ttl:g} seconds")
+            return
+        if silent >= ttl / 2:
+            if self._pinged_for != last:
+                self._pinged_for = last
+                self.send(envelope.message({"t": "ping", "ts": now}))
+            delay = last + ttl - now
+        else:
+            delay = last + ttl / 2 - now
+        self._heartbeat = self._clock.callLater(max(delay, 0.0),
+                                                self._check_heartbeat)
+
+
+class SessionManager:
+    """
+    Creates sessions for connections and serves their requests.
+
+    @param players: the L{gate.player.PlayerManager}.
+    @param pool: the L{gate.workers.WorkerPool} that runs backend calls.
+    @param backend: an L{IBackendClient}.
+    @param tokens: a L{gate.tokens.Tokens}.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, config, players, pool, backend, tokens,
+                 metrics=None):
+        self._clock = clock
+        self.gate_id = config["gate.id"]
+        self.max_inflight = config["session.max_inflight"]
+        self.heartbeat_ttl = config["session.heartbeat_ttl"]
+        self.players = players
+        self.pool = pool
+        self.backend = backend
+        self.tokens = tokens
+        self._metrics = metrics
+        self.sessions = {}
+        self.accepting = True
+        self._empty_waiters = []
+
+    def open(self, connection):
+        """
+        A client connected.
+
+        @return: its L{Session}.
+        """
+        session_id = secrets.token_hex(8)
+        session = Session(self, connection, session_id, self._clock)
+        self.sessions[session_id] = session
+        session.start_heartbeat(self.heartbeat_ttl)
+        if self._metrics is not None:
+            self._metrics.session_opened(connection.transport_name)
+        self.log.debug("session {session_id} opened from {peer} over "
+                       "{transport}", session_id=session_id,
+                       peer=connection.peer,
+                       transport=connection.transport_name)
+        return session
+
+    def closed(self, session):
+        self.sessions.pop(session.id, None)
+        if self._metrics is not None:
+            self._metrics.session_closed(session.transport_name)
+        self.log.debug("session {session_id} of player {player_id} closed",
+                       session_id=session.id, player_id=session.player_id)
+        self.players.unbind(session)
+        if not self.sessions and self._empty_waiters:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def kicked(self, session, reason):
+        if self._metrics is not None:
+            self._metrics.kicked(reason)
+        self.log.info("session {session_id} of player {player_id} kicked: "
+                      "{reason}", session_id=session.id,
+                      player_id=session.player_id, reason=reason)
+
+    def bad_input(self, session, code):
+        if self._metrics is not None:
+            self._metrics.bad_input(code)
+
+    # Serving envelopes.
+
+    def handle(self, session, env):
+        """
+        Serve one request envelope of C{session}; answers are sent to the
+        session directly, failures are L{GateError}s.
+        """
+        return getattr(self, "_" + env.type)(session, env)
+
+    def _login(self, session, env):
+        started = self._clock.seconds()
+        d = self.pool.submit(self.backend.login, session.id, env["data"])
+
+        def logged_in(result):
+            player_id, data = result
+            self._observe("login", "ok", started)
+            return self._bind(session, env.id, player_id, data)
+
+        def failed(failure):
+            code = failure.value.code if failure.check(GateError) else "internal"
+            self._observe("login", code, started)
+            return failure
+
+        return d.addCallbacks(logged_in, failed)
+
+    def _auth(self, session, env):
+        try:
+            player_id = self.tokens.player_of_auth_token(env["token"])
+        except TokenError as e:
+            raise GateError(errors.AUTH_FAILED, f"token rejected: {e}")
+        return self._bind(session, env.id, player_id, None)
+
+    def _resume(self, session, env):
+        player_id = env["player_id"]
+        try:
+            self.tokens.check_resume_token(env["resume_token"], player_id)
+        except TokenError as e:
+            raise GateError(errors.RESUME_REJECTED, f"resume token rejected: {e}")
+        if self.players.get(player_id) is None:
+            raise GateError(errors.RESUME_REJECTED,
+                            "no such player here (expired or never seen)")
+        return self._bind(session, env.id, player_id, None,
+                          replay_after=env["last_seq"])
+
+    def _bind(self, session, rid, player_id, data, replay_after=None):
+        """
+        Bind, answer C{resp}, and for a resume send the mailbox after
+        C{replay_after}; live pushes wait until all of that is written.
+        """
+        session.begin_replay()
+        mailboxes = self.players.mailboxes
+        d = self.players.bind(session, player_id)
+
+        def bound(player):
+            if player is None:
+                return (None, [])
+            last = mailboxes.last_seq(player_id)
+            last.addCallback(lambda last_seq: session.send(envelope.resp(
+                rid, data, player_id=player_id,
+                resume_token=self.tokens.resume_token(player_id),
+                last_seq=last_seq)))
+            if replay_after is None:
+                return last.addCallback(lambda _: (None, []))
+            return last.addCallback(
+                lambda _: mailboxes.read_after(player_id, replay_after))
+
+        def replay(found):
+            session.end_replay(*found)
+
+        def failed(failure):
+            session.end_replay(None, [])
+            return failure
+
+        return d.addCallback(bound).addCallbacks(replay, failed)
+
+    def _req(self, session, env):
+        player = session.player
+        if player is None:
+            raise GateError(errors.NOT_AUTHENTICATED,
+                            "log in (login, auth or resume) before requests")
+        route = env["route"]
+        started = self._clock.seconds()
+        d = self.pool.submit(self.backend.call, session.id, player.player_id,
+                             env.id, route, env["data"])
+
+        def answered(data):
+            self._observe(route, "ok", started)
+            session.send(envelope.resp(env.id, data))
+
+        def failed(failure):
+            code = failure.value.code if failure.check(GateError) else "internal"
+            self._observe(route, code, started)
+            return failure
+
+        return d.addCallbacks(answered, failed)
+
+    def _observe(self, route, outcome, started):
+        if self._metrics is not None:
+            self._metrics.request(route, outcome,
+                                  self._clock.seconds() - started)
+
+    # Stopping.
+
+    def kick_all(self, reason, msg):
+        for session in list(self.sessions.values()):
+            session.kick(reason, msg)
+
+    def wait_empty(self):
+        """
+        @return: L{Deferred} firing once no session is left.
+        """
+        from twisted.internet.defer import Deferred
+        if not self.sessions:
+            return succeed(None)
+        d = Deferred()
+        self._empty_waiters.append(d)
+        return d

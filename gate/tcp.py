@@ -1,0 +1,71 @@
+"""
+The length-framed TCP transport: a thin protocol between the socket and a
+L{gate.session.Session}.
+"""
+
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from gate.connection import ClosingTimer, peer_of
+from gate.framing import FrameDecoder, FrameTooLarge
+from gate.interfaces import IClientConnection
+
+
+@implementer(IClientConnection)
+class GateTCPProtocol(Protocol):
+    transport_name = "tcp"
+    session = None
+
+    def connectionMade(self):
+        self.peer = peer_of(self.transport)
+        self._decoder = FrameDecoder(self.factory.max_frame)
+        self._closer = ClosingTimer(self.factory.clock)
+        self.session = self.factory.sessions.open(self)
+
+    def dataReceived(self, data):
+        session = self.session
+        try:
+            payloads = self._decoder.feed(data)
+        except FrameTooLarge as e:
+            session.frame_too_large(e.size, e.limit)
+            return
+        for payload in payloads:
+            if session.closing or session.closed:
+                break
+            session.receive(payload)
+
+    def connectionLost(self, reason):
+        self._closer.cancel()
+        if self.session is not None:
+            self.session.lost()
+
+    # IClientConnection
+
+    def send(self, outgoing):
+        self.transport.write(outgoing.framed)
+
+    def close(self):
+        self.transport.loseConnection()
+        self._closer.start(self.transport)
+
+    def abort(self):
+        self.transport.abortConnection()
+
+
+class GateTCPFactory(Factory):
+    """
+    @param sessions: the L{gate.session.SessionManager}.
+    """
+
+    protocol = GateTCPProtocol
+    noisy = False
+
+    def __init__(self, sessions, max_frame, clock):
+        self.sessions = sessions
+        self.max_frame = max_frame
+        self.clock = clock
+
+    def buildProtocol(self, addr):
+        if not self.sessions.accepting:
+            return None
+        return Factory.buildProtocol(self, addr)

@@ -1,0 +1,86 @@
+"""
+Tokens the gate checks on its own: client auth tokens (HS256 JWT minted by
+the studio's login service) and resume tokens (minted by the gate).
+
+Both use C{auth.secret}. Resume tokens carry an audience of their own so
+neither kind can stand in for the other.
+"""
+
+import jwt
+
+RESUME_AUDIENCE = "mmogate:resume"
+_ALGORITHMS = ["HS256"]
+
+
+class TokenError(Exception):
+    """
+    A token is malformed, forged, expired or for someone else.
+    """
+
+
+class Tokens:
+    """
+    Signs and checks tokens with one secret on one clock.
+
+    @param clock: an L{IReactorTime}; tokens expire by its C{seconds()}.
+    """
+
+    def __init__(self, secret, clock, resume_ttl):
+        self._key = secret.encode("utf-8") if isinstance(secret, str) else secret
+        self._clock = clock
+        self._resume_ttl = resume_ttl
+
+    def _now(self):
+        return self._clock.seconds()
+
+    def _verified(self, token, audience=None):
+        # PyJWT checks exp against the wall clock, and ours may be a test
+        # clock: expiry is checked in _player against self._clock instead.
+        options = {"verify_exp": False, "verify_iat": False,
+                   "verify_nbf": False, "require": ["exp", "sub"],
+                   "verify_aud": audience is not None}
+        try:
+            return jwt.decode(token, self._key, algorithms=_ALGORITHMS,
+                              audience=audience, options=options)
+        except jwt.PyJWTError as e:
+            raise TokenError(str(e))
+
+    def _player(self, claims):
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise TokenError("'sub' must be a non-empty string")
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            raise TokenError("'exp' must be a number")
+        if exp <= self._now():
+            raise TokenError("token has expired")
+        return sub
+
+    def player_of_auth_token(self, token):
+        """
+        @return: the player id (C{sub}) of a valid auth token.
+        @raise TokenError: otherwise.
+        """
+        claims = self._verified(token)
+        if claims.get("aud") == RESUME_AUDIENCE:
+            raise TokenError("a resume token is not an auth token")
+        return self._player(claims)
+
+    def resume_token(self, player_id):
+        """
+        A token that lets C{player_id} resume within C{auth.resume_ttl}.
+        """
+        now = self._now()
+        return jwt.encode({"sub": player_id, "aud": RESUME_AUDIENCE,
+                           "iat": int(now), "exp": int(now + self._resume_ttl)},
+                          self._key, algorithm="HS256")
+
+    def check_resume_token(self, token, player_id):
+        """
+        @return: the token's claims.
+        @raise TokenError: unless it is a valid resume token of C{player_id}.
+        """
+        claims = self._verified(token, audience=RESUME_AUDIENCE)
+        if self._player(claims) != player_id:
+            raise TokenError("resume token is for another player")
+        return claims

@@ -1,0 +1,102 @@
+"""
+The WebSocket transport (autobahn) on path C{/ws}: one message, text or
+binary, is one payload. Thin like the TCP protocol; the session holds the
+logic.
+"""
+
+from autobahn.twisted.websocket import (WebSocketServerFactory,
+                                        WebSocketServerProtocol)
+from autobahn.websocket.types import ConnectionDeny
+from zope.interface import implementer
+
+from gate import errors
+from gate.connection import ClosingTimer, peer_of
+from gate.envelope import err
+from gate.interfaces import IClientConnection
+
+WS_PATH = "/ws"
+
+
+@implementer(IClientConnection)
+class GateWebSocketProtocol(WebSocketServerProtocol):
+    transport_name = "ws"
+    session = None
+
+    def onConnect(self, request):
+        if request.path != WS_PATH:
+            raise ConnectionDeny(404, f"WebSocket path is {WS_PATH}")
+        return None
+
+    def onOpen(self):
+        self.peer = peer_of(self.transport)
+        self._closer = ClosingTimer(self.factory.clock)
+        self.session = self.factory.sessions.open(self)
+
+    def onMessage(self, payload, isBinary):
+        session = self.session
+        if session is not None:
+            session.receive(payload)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is not None:
+            self._closer.cancel()
+            self.session.lost()
+
+    def _max_message_size_exceeded(self, msg_size, max_msg_size, reason):
+        # Tell the client why before autobahn fails the connection, as the
+        # TCP transport does for an oversized frame.
+        if self.session is not None and not self.session.closing:
+            self.session.closing = True
+            self.factory.sessions.bad_input(self.session,
+                                            errors.FRAME_TOO_LARGE)
+            self.send(err(None, errors.FRAME_TOO_LARGE,
+                          f"message of {msg_size} bytes is over the limit of "
+                          f"{max_msg_size}"))
+        WebSocketServerProtocol._max_message_size_exceeded(
+            self, msg_size, max_msg_size, reason)
+
+    # IClientConnection
+
+    def send(self, outgoing):
+        if self.state != self.STATE_OPEN:
+            return
+        prepared = outgoing.ws
+        if prepared is None:
+            prepared = outgoing.ws = self.factory.prepareMessage(
+                outgoing.payload, isBinary=False)
+        if self._perMessageCompress is None and not self.send_queue:
+            # The prepared frame as it is: autobahn's sendData spends a
+            # quarter of a send formatting debug arguments (PERF-NOTES.md).
+            self.transport.write(prepared.payloadHybi)
+        else:
+            self.sendPreparedMessage(prepared)
+
+    def close(self):
+        self.sendClose(1000)
+        self._closer.start(self.transport)
+
+    def abort(self):
+        self.transport.abortConnection()
+
+
+class GateWebSocketFactory(WebSocketServerFactory):
+    """
+    @param sessions: the L{gate.session.SessionManager}.
+    """
+
+    protocol = GateWebSocketProtocol
+    noisy = False
+
+    def __init__(self, sessions, max_frame, clock):
+        WebSocketServerFactory.__init__(self)
+        self.sessions = sessions
+        self.clock = clock
+        self.setProtocolOptions(maxMessagePayloadSize=max_frame,
+                                maxFramePayloadSize=max_frame,
+                                openHandshakeTimeout=10,
+                                closeHandshakeTimeout=5)
+
+    def buildProtocol(self, addr):
+        if not self.sessions.accepting:
+            return None
+        return WebSocketServerFactory.buildProtocol(self, addr)

@@ -1,0 +1,105 @@
+"""
+The embedded store: player directory and mailboxes in this process's memory.
+
+The default, so one gate runs with nothing else installed; it is lost when
+the process stops and is not shared between gates.
+"""
+
+from twisted.internet.defer import succeed
+from zope.interface import implementer
+
+from gate.interfaces import IMailboxStore, IPlayerDirectory
+from gate.mailbox import Mailbox
+from gate.player import Location
+
+
+@implementer(IMailboxStore)
+class MemoryMailboxStore:
+    """
+    Mailboxes in a dict, one L{Mailbox} per player that has one.
+
+    @param clock: an L{IReactorTime} for age-based retention.
+    """
+
+    def __init__(self, clock, max_entries, max_age):
+        self._clock = clock
+        self._max_entries = max_entries
+        self._max_age = max_age
+        self._boxes = {}
+
+    def _box(self, player_id):
+        box = self._boxes.get(player_id)
+        if box is None:
+            box = self._boxes[player_id] = Mailbox(self._max_entries,
+                                                   self._max_age)
+        return box
+
+    def append(self, player_id, route, data, ts):
+        box = self._box(player_id)
+        box.expire(self._clock.seconds())
+        return succeed(box.append(route, data, ts))
+
+    def read_after(self, player_id, last_seq):
+        box = self._boxes.get(player_id)
+        if box is None:
+            return succeed((None, []))
+        return succeed(box.read_after(last_seq, self._clock.seconds()))
+
+    def ack(self, player_id, seq):
+        box = self._boxes.get(player_id)
+        if box is not None:
+            box.ack(seq)
+        return succeed(None)
+
+    def last_seq(self, player_id):
+        box = self._boxes.get(player_id)
+        return succeed(box.last_seq if box is not None else 0)
+
+    def size(self, player_id):
+        box = self._boxes.get(player_id)
+        if box is None:
+            return succeed(0)
+        box.expire(self._clock.seconds())
+        return succeed(len(box))
+
+    def drop(self, player_id):
+        self._boxes.pop(player_id, None)
+        return succeed(None)
+
+    def total(self):
+        """
+        All retained pushes, for the mailbox gauge.
+        """
+        return sum(len(box) for box in self._boxes.values())
+
+
+@implementer(IPlayerDirectory)
+class MemoryPlayerDirectory:
+    """
+    Player locations of this one gate.
+    """
+
+    def __init__(self):
+        self._players = {}
+
+    def claim(self, player_id, gate_id, session_id, now):
+        previous = self._players.get(player_id)
+        self._players[player_id] = Location(player_id, gate_id, session_id, now)
+        if previous is not None and previous.session_id is None:
+            previous = None
+        return succeed(previous)
+
+    def release(self, player_id, gate_id, session_id, now):
+        current = self._players.get(player_id)
+        if (current is None or current.session_id != session_id
+                or current.gate_id != gate_id):
+            return succeed(False)
+        self._players[player_id] = Location(player_id, gate_id, None, now)
+        return succeed(True)
+
+    def lookup(self, player_id):
+        return succeed(self._players.get(player_id))
+
+    def forget(self, player_id):
+        self._players.pop(player_id, None)
+        return succeed(None)
