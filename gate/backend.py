@@ -80,19 +80,30 @@ class HTTPBackend:
         d = self._http.post(self.url + path, data=data, headers=headers)
         d.addCallback(lambda response: treq.content(response).addCallback(
             lambda content: (response.code, content)))
-        d.addTimeout(self.timeout, self._clock)
-        d.addCallback(self._answered)
-        d.addErrback(self._unreachable, path)
+        # One deadline over connect, headers and body. Cancelling an Agent
+        # request fails it with ResponseNeverReceived, not CancelledError, so
+        # whether the deadline passed is read off the timer itself.
+        timer = self._clock.callLater(self.timeout, d.cancel)
+
+        def settled(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(settled)
+        d.addCallbacks(self._answered, self._unreachable,
+                       errbackArgs=(timer,))
         return d
 
     def _answered(self, answer):
         self.reachable = True
         return answer
 
-    def _unreachable(self, failure, path):
-        if failure.check(TimeoutError, CancelledError, *_UNREACHABLE):
+    def _unreachable(self, failure, timer):
+        if timer.called or failure.check(TimeoutError, CancelledError,
+                                         *_UNREACHABLE):
             self.reachable = False
-        if failure.check(TimeoutError, CancelledError):
+        if timer.called or failure.check(TimeoutError, CancelledError):
             raise GateError(errors.BACKEND_TIMEOUT,
                             f"the backend did not answer within "
                             f"{self.timeout:g}s")

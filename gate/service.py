@@ -102,7 +102,7 @@ def _within(d, seconds, clock):
     C{d}, or nothing after C{seconds}: shutdown steps are bounded.
     """
     if seconds <= 0:
-        d.cancel() if not d.called else None
+        d.addErrback(lambda _: None)
         return succeed(None)
     bounded = Deferred()
     timer = clock.callLater(seconds, lambda: bounded.called or
@@ -322,6 +322,8 @@ class GateService(MultiService):
         for service in remaining:
             yield service.stopService()
         yield self.backend.close()
+        if self.reference is not None:
+            yield self.reference.close()
         if self._json_log is not None:
             observer, stream = self._json_log
             globalLogPublisher.removeObserver(observer)
