@@ -7,8 +7,6 @@ each call has one overall deadline covering connect, headers and body; every
 way a call can fail becomes the error code the client is owed.
 """
 
-import hashlib
-import hmac
 import json
 
 import treq
@@ -19,6 +17,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web._newclient import ResponseNeverReceived
 from zope.interface import implementer
 
+from backend.signing import sign
+
 from gate import errors
 from gate.envelope import encode, valid_route
 from gate.errors import GateError
@@ -27,13 +27,6 @@ from gate.interfaces import IBackendClient
 _UNREACHABLE = (neterror.ConnectError, neterror.DNSLookupError,
                 neterror.ConnectionLost, neterror.ConnectionDone,
                 ResponseFailed, ResponseNeverReceived)
-
-
-def sign(secret, body):
-    """
-    The C{X-Mmogate-Signature} of C{body}: hex HMAC-SHA256 with C{secret}.
-    """
-    return hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
 class BackendStatusError(Exception):
