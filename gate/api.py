@@ -7,13 +7,12 @@ pushes went out.
 """
 
 import hmac
-import json
 
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from gate.envelope import encode
+from gate.envelope import encode, loads
 
 MAX_ID = 256
 MAX_ROUTE = 128
@@ -147,8 +146,8 @@ class APIResource(Resource):
                                f"{path} takes {wanted}")
         if wanted == "POST":
             try:
-                body = json.loads(request.content.read().decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
+                body = loads(request.content.read())
+            except (ValueError, RecursionError) as e:
                 return self._error(request, 400, "bad_request",
                                    f"body is not JSON: {e}")
             args = (body,)

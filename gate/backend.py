@@ -7,7 +7,6 @@ each call has one overall deadline covering connect, headers and body; every
 way a call can fail becomes the error code the client is owed.
 """
 
-import json
 
 import treq
 from treq.client import HTTPClient
@@ -20,7 +19,7 @@ from zope.interface import implementer
 from backend.signing import sign
 
 from gate import errors
-from gate.envelope import encode, valid_route
+from gate.envelope import encode, loads, valid_route
 from gate.errors import GateError
 from gate.interfaces import IBackendClient
 
@@ -164,8 +163,8 @@ def _error_of(content):
     C{None}.
     """
     try:
-        body = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+        body = loads(content)
+    except (ValueError, RecursionError):
         return None
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict) or not isinstance(error.get("code"), str) \
@@ -182,8 +181,8 @@ def _ok_body(code, content):
     """
     if code == 200:
         try:
-            body = json.loads(content)
-        except (ValueError, UnicodeDecodeError):
+            body = loads(content)
+        except (ValueError, RecursionError):
             body = None
         if not isinstance(body, dict):
             raise GateError(errors.BACKEND_ERROR,

@@ -220,6 +220,8 @@ def load(path=None):
             table = tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{os.path.basename(path)}: not UTF-8: {e}")
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{os.path.basename(path)}: not valid TOML: {e}")
     return from_mapping(table, from_file=True)

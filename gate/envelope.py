@@ -20,9 +20,29 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text):
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+_INF = float("inf")
+_decoder = json.JSONDecoder(parse_constant=_reject_constant,
+                            parse_float=_finite_float)
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
                             allow_nan=False)
+
+
+def loads(data):
+    """
+    Strict JSON: UTF-8 only, no NaN or Infinity (which could not be sent on).
+
+    @raise ValueError: for anything else (UnicodeDecodeError included).
+    """
+    if isinstance(data, (bytes, bytearray)):
+        data = data.decode("utf-8")
+    return _decoder.decode(data)
 
 
 def encode(obj):

@@ -109,12 +109,13 @@ class EventSender:
         """
         if not self._queue and not self._in_flight:
             return succeed(None)
+        d = Deferred()
+        self._waiters.append(d)
         if self._retry_call is not None:
             self._retry_call.cancel()
             self._retry_call = None
             self._pump()
-        d = Deferred()
-        self._waiters.append(d)
+            self._check_idle()
         return d
 
     def stop(self):

@@ -116,7 +116,10 @@ class PlayerManager:
         if session.closed:
             return succeed(None)
         if session.player is not None and session.player is not player:
+            # The connection changes player: seqs start over, and pushes held
+            # for the old player stay in its mailbox, not on this connection.
             self.unbind(session)
+            session.switch_player()
         now = self._clock.seconds()
         d = self.directory.claim(player.player_id, self.gate_id, session.id, now)
 

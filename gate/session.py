@@ -166,6 +166,13 @@ class Session:
             self.delivered_seq = seq
         self.connection.send(outgoing)
 
+    def switch_player(self):
+        """
+        The session is about to be bound to another player.
+        """
+        self.delivered_seq = 0
+        self._held = []
+
     def begin_replay(self):
         """
         Hold live pushes until L{end_replay}.

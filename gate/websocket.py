@@ -9,9 +9,7 @@ from autobahn.twisted.websocket import (WebSocketServerFactory,
 from autobahn.websocket.types import ConnectionDeny
 from zope.interface import implementer
 
-from gate import errors
 from gate.connection import ClosingTimer, peer_of
-from gate.envelope import err
 from gate.interfaces import IClientConnection
 
 WS_PATH = "/ws"
@@ -37,23 +35,34 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         if session is not None:
             session.receive(payload)
 
+    def connectionLost(self, reason):
+        # autobahn leaves its close-handshake timer running when the TCP
+        # connection goes first; it would fire later on a dead protocol.
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            call.cancel()
+            self.closeHandshakeTimeoutCall = None
+        WebSocketServerProtocol.connectionLost(self, reason)
+
     def onClose(self, wasClean, code, reason):
         if self.session is not None:
             self._closer.cancel()
             self.session.lost()
 
     def _max_message_size_exceeded(self, msg_size, max_msg_size, reason):
-        # Tell the client why before autobahn fails the connection, as the
-        # TCP transport does for an oversized frame.
-        if self.session is not None and not self.session.closing:
-            self.session.closing = True
-            self.factory.sessions.bad_input(self.session,
-                                            errors.FRAME_TOO_LARGE)
-            self.send(err(None, errors.FRAME_TOO_LARGE,
-                          f"message of {msg_size} bytes is over the limit of "
-                          f"{max_msg_size}"))
-        WebSocketServerProtocol._max_message_size_exceeded(
-            self, msg_size, max_msg_size, reason)
+        # Tell the client why, as the TCP transport does for an oversized
+        # frame, and close once that is written (autobahn would drop the
+        # connection with the answer unsent).
+        if self.session is None:
+            WebSocketServerProtocol._max_message_size_exceeded(
+                self, msg_size, max_msg_size, reason)
+            return
+        self.failedByMe = True
+        self.wasClean = False
+        self.wasNotCleanReason = reason
+        self.session.frame_too_large(msg_size, max_msg_size)
+        self.dropConnection(abort=False)
+        self._closer.start(self.transport)
 
     # IClientConnection
 
@@ -72,7 +81,8 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
             self.sendPreparedMessage(prepared)
 
     def close(self):
-        self.sendClose(1000)
+        if self.state == self.STATE_OPEN:
+            self.sendClose(1000)
         self._closer.start(self.transport)
 
     def abort(self):

@@ -89,8 +89,10 @@ class WorkerPool:
                 worker = self._idle.pop()
                 worker.reaper.cancel()
                 worker.reaper = None
-            elif self.size < self.minimum or (
+            elif self.size == 0 or self.size < self.minimum or (
                     len(queue) > self.grow_queue and self.size < self.maximum):
+                # With no worker at all (workers.min = 0) one is always
+                # started: a job must never wait for a queue to fill.
                 worker = _Worker()
             else:
                 break
