@@ -69,7 +69,8 @@ class HTTPBackend:
         if self._secret is not None:
             headers[b"X-Mmogate-Signature"] = [
                 sign(self._secret, data).encode("ascii")]
-        d = self._http.post(self.url + path, data=data, headers=headers)
+        d = self._http.post(self.url + path, data=data, headers=headers,
+                            allow_redirects=False)
         d.addCallback(lambda response: treq.content(response).addCallback(
             lambda content: (response.code, content)))
         # One deadline over connect, headers and body. Cancelling an Agent

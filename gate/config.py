@@ -195,12 +195,19 @@ def from_mapping(table, *, from_file=True):
     for name in ("api.key", "auth.secret"):
         if not values[name]:
             raise ConfigError(f"{name}: must not be empty")
+    if len(values["auth.secret"].encode("utf-8")) < MIN_SECRET:
+        # RFC 7518 3.2: an HS256 key shorter than the hash is guessable.
+        raise ConfigError(f"auth.secret: must be at least {MIN_SECRET} bytes "
+                          f"(HS256 needs a key as long as its hash)")
     if values["workers.max"] < values["workers.min"]:
         raise ConfigError("workers.max: must be at least workers.min")
     if not values["listen.api"]:
         raise ConfigError("listen.api: the push API listener cannot be disabled")
     return Config(values)
 
+
+#: Shortest auth.secret accepted, in bytes.
+MIN_SECRET = 32
 
 #: The API key of a gate started without a config file: such a gate listens on
 #: loopback only, and a known key lets the README's curl walk-through work.

@@ -4,6 +4,7 @@ C{/metrics}, C{/health} and C{/ready} on C{listen.metrics}
 """
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -19,12 +20,17 @@ class _Leaf(Resource):
         return self._render(request)
 
 
+class _Root(Resource):
+    def getChild(self, name, request):
+        return notFound()
+
+
 def health_site(gate):
     """
     @param gate: the L{gate.service.GateService}; C{gate.is_ready()} says
         whether it accepts clients and reaches its backend and store.
     """
-    root = Resource()
+    root = _Root()
 
     def metrics(request):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))

@@ -24,10 +24,12 @@ class Player:
     to resume until C{player.idle_timeout} passes.
     """
 
-    __slots__ = ("player_id", "session", "since", "expiry", "lock")
+    __slots__ = ("player_id", "session", "since", "expiry", "lock",
+                 "ever_bound")
 
     def __init__(self, player_id, now):
         self.player_id = player_id
+        self.ever_bound = False
         self.session = None
         self.since = now
         self.expiry = None
@@ -105,12 +107,30 @@ class PlayerManager:
         if player is None:
             player = self.players[player_id] = Player(player_id,
                                                       self._clock.seconds())
-            player.expiry = self._clock.callLater(self.idle_timeout,
-                                                  self._expire, player)
             self._report()
         if player.lock is None:
             player.lock = DeferredLock()
-        return player.lock.run(self._bind, session, player)
+        # No expiry while a bind is under way: a resume that started in time
+        # must not find its player (and mailbox) gone when its claim returns.
+        if player.expiry is not None and player.expiry.active():
+            player.expiry.cancel()
+        player.expiry = None
+        d = player.lock.run(self._bind, session, player)
+        d.addBoth(self._after_bind, player)
+        return d
+
+    def _after_bind(self, result, player):
+        if player.session is None and player.lock is None \
+                and self.players.get(player.player_id) is player:
+            if not player.ever_bound:
+                # Never came online (its first bind failed): forget it
+                # quietly, as if never seen.
+                del self.players[player.player_id]
+                self._report()
+            elif player.expiry is None:
+                player.expiry = self._clock.callLater(self.idle_timeout,
+                                                      self._expire, player)
+        return result
 
     def _bind(self, session, player):
         if session.closed:
@@ -139,6 +159,7 @@ class PlayerManager:
                     player.expiry.cancel()
                 player.expiry = None
                 player.session = session
+                player.ever_bound = True
                 player.since = self._clock.seconds()
                 session.player = player
                 self.online += 1
@@ -186,6 +207,9 @@ class PlayerManager:
         player.expiry = None
         if player.session is not None or self.players.get(
                 player.player_id) is not player:
+            return
+        if player.lock is not None:
+            # A bind is under way; _after_bind re-arms the timer if it fails.
             return
         del self.players[player.player_id]
         self._report()

@@ -186,7 +186,7 @@ class Session:
         """
         self._replaying = False
         held, self._held = self._held, []
-        if self.closed:
+        if self.closed or self.closing:
             return
         if gap is not None:
             self.connection.send(envelope.message(
@@ -207,6 +207,7 @@ class Session:
             return
         self.closing = True
         self.manager.kicked(self, reason)
+        self.manager.players.unbind(self)
         self.connection.send(envelope.message(
             {"t": "kick", "reason": reason, "msg": msg}))
         self.connection.close()
@@ -218,6 +219,7 @@ class Session:
         if self.closed or self.closing:
             return
         self.closing = True
+        self.manager.players.unbind(self)
         self.connection.send(envelope.err(None, code, msg))
         self.connection.close()
 

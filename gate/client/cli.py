@@ -111,8 +111,13 @@ class InputLines(LineReceiver):
         self._outstanding = set()
         self._ending = False
 
+    def dataReceived(self, data):
+        # When watching, input only matters for its end; not even buffered.
+        if self.interactive:
+            LineReceiver.dataReceived(self, data)
+
     def lineReceived(self, line):
-        if not self.interactive or self._ending:
+        if self._ending:
             return
         text = line.decode("utf-8", "replace").strip()
         if not text or text.startswith("#"):
@@ -259,11 +264,17 @@ async def run(reactor, args, out=None, err=None, stdio=None, **client_args):
         return 1
     printer.resp(resp)
     # Ctrl-C stops the reactor; close first so delivered pushes are acked.
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", client.close)
+    shutting_down = []
+
+    def on_shutdown():
+        shutting_down.append(True)
+        return client.close()
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
     try:
         return await _session(reactor, client, printer, args, closed, stdio)
     finally:
-        if trigger is not None:
+        if trigger is not None and not shutting_down:
             reactor.removeSystemEventTrigger(trigger)
         await client.close()
 

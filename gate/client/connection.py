@@ -129,7 +129,7 @@ class _Link:
     def dialed(self, protocol):
         self.protocol = protocol
         if self.dead and not self.finished:
-            protocol.transport.abortConnection()
+            protocol.abortConnection()
 
     def send(self, obj):
         self.sendPayload(_encode(obj))
@@ -160,12 +160,11 @@ class _Link:
         if error is not None and self.error is None:
             self.error = error
         self.dead = True
+        # Before a WebSocket handshake completes there is a protocol but no
+        # sender yet; both provide abortConnection.
         target = self.sender or self.protocol
         if target is not None:
-            if target is self.protocol:
-                target.transport.abortConnection()
-            else:
-                target.abortConnection()
+            target.abortConnection()
         elif self.dial is not None:
             self.dial.cancel()
 

@@ -1,0 +1,366 @@
+"""
+Tests for L{gate.backend.HTTPBackend}: the gate's calls to its backend and
+how every answer maps to the error codes of PROTOCOL.md section 4. HTTP is
+served in memory by L{StubTreq}; timeouts run on a L{Clock}.
+"""
+
+import hashlib
+import hmac
+import json
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface.verify import verifyObject
+
+from gate import errors
+from gate.backend import BackendStatusError, HTTPBackend
+from gate.errors import GateError
+from gate.interfaces import IBackendClient
+
+SECRET = "backend-secret-for-tests-0123456789"
+
+
+class RecordingBackend(Resource):
+    """
+    A backend that records each request and answers from C{answers} by
+    path: C{(status, body bytes)}, or C{None} to never answer.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        Resource.__init__(self)
+        self.requests = []
+        self.answers = {}
+        self.default = (200, b'{"data": null}')
+
+    def render(self, request):
+        body = request.content.read()
+        self.requests.append({
+            "method": request.method, "path": request.path,
+            "body": body,
+            "gate": request.getHeader(b"x-mmogate-gate"),
+            "signature": request.getHeader(b"x-mmogate-signature"),
+            "content_type": request.getHeader(b"content-type")})
+        answer = self.answers.get(request.path, self.default)
+        if answer is None:
+            return NOT_DONE_YET
+        status, content = answer
+        request.setResponseCode(status)
+        return content
+
+
+class FakeHTTP:
+    """
+    A treq-like client whose C{post} answers what the test says.
+    """
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.posts = []
+
+    def post(self, url, data=None, headers=None, allow_redirects=True):
+        # A 3xx to a POST must reach the gate as an answer, not be followed.
+        assert allow_redirects is False, "the gate must not follow redirects"
+        self.posts.append((url, data, headers))
+        return self.answer()
+
+
+class HTTPBackendTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.resource = RecordingBackend()
+        self.stub = StubTreq(self.resource)
+        self.backend = self.make(SECRET)
+
+    def make(self, secret, url="http://backend.test/", http=None):
+        return HTTPBackend(self.clock, url, "gate-7", timeout=5.0,
+                           secret=secret, http=http or self.stub)
+
+    def answer(self, d):
+        self.stub.flush()
+        return self.successResultOf(d)
+
+    def error(self, d):
+        self.stub.flush()
+        return self.failureResultOf(d, GateError).value
+
+    def test_interface(self):
+        self.assertTrue(verifyObject(IBackendClient, self.backend))
+        self.assertTrue(verifyObject(IBackendClient, HTTPBackend(
+            MemoryReactorClock(), "http://b", "g", 1.0)))
+
+    # Requests.
+
+    def test_login_request(self):
+        self.resource.answers[b"/login"] = (200, b'{"player_id": "alice"}')
+        self.answer(self.backend.login("s1", {"name": "alice"}))
+        (request,) = self.resource.requests
+        self.assertEqual(request["method"], b"POST")
+        self.assertEqual(request["path"], b"/login")
+        self.assertEqual(json.loads(request["body"]),
+                         {"gate_id": "gate-7", "session_id": "s1",
+                          "data": {"name": "alice"}})
+        self.assertEqual(request["gate"], b"gate-7")
+        self.assertEqual(request["content_type"], b"application/json")
+
+    def test_rpc_request(self):
+        self.resource.answers[b"/rpc/shop.buy"] = (200, b'{"data": 1}')
+        self.answer(self.backend.call("s1", "alice", 12, "shop.buy",
+                                      {"item": 3}))
+        (request,) = self.resource.requests
+        self.assertEqual(request["path"], b"/rpc/shop.buy")
+        self.assertEqual(json.loads(request["body"]),
+                         {"gate_id": "gate-7", "session_id": "s1",
+                          "player_id": "alice", "request_id": 12,
+                          "route": "shop.buy", "data": {"item": 3}})
+
+    def test_url_with_path(self):
+        backend = self.make(SECRET, url="http://backend.test/game/")
+        self.answer(backend.call("s", "p", 1, "guild/list", None))
+        self.assertEqual(self.resource.requests[0]["path"],
+                         b"/game/rpc/guild/list")
+
+    def test_event_and_register_requests(self):
+        body = {"event": "online", "player_id": "a", "gate_id": "gate-7",
+                "session_id": "s", "ts": 1.0}
+        self.answer(self.backend.event(body))
+        registration = {"gate_id": "gate-7", "state": "up",
+                        "api_url": "http://g:8090", "listen": ["tcp://g:1"]}
+        self.answer(self.backend.register(registration))
+        events, gates = self.resource.requests
+        self.assertEqual((events["path"], json.loads(events["body"])),
+                         (b"/events", body))
+        self.assertEqual((gates["path"], json.loads(gates["body"])),
+                         (b"/gates", registration))
+        self.assertEqual(gates["gate"], b"gate-7")
+
+    def test_signature(self):
+        """
+        C{X-Mmogate-Signature} is the hex HMAC-SHA256 of the exact body
+        sent, keyed with C{backend.secret}.
+        """
+        self.answer(self.backend.call("s1", "alice", 1, "echo", {"é": [1.5]}))
+        self.answer(self.backend.event({"event": "offline"}))
+        for request in self.resource.requests:
+            expected = hmac.new(SECRET.encode(), request["body"],
+                                hashlib.sha256).hexdigest()
+            self.assertEqual(request["signature"], expected.encode("ascii"))
+        self.assertEqual(len(self.resource.requests), 2)
+
+    def test_no_secret_no_signature(self):
+        backend = self.make("")
+        self.answer(backend.call("s1", "alice", 1, "echo", None))
+        self.assertIsNone(self.resource.requests[0]["signature"])
+        self.assertEqual(self.resource.requests[0]["gate"], b"gate-7")
+
+    # Login answers.
+
+    def test_login_ok(self):
+        self.resource.answers[b"/login"] = (
+            200, b'{"player_id": "alice", "data": {"coins": 5}}')
+        self.assertEqual(self.answer(self.backend.login("s", {})),
+                         ("alice", {"coins": 5}))
+        self.assertTrue(self.backend.reachable)
+
+    def test_login_without_data(self):
+        self.resource.answers[b"/login"] = (200, b'{"player_id": "alice"}')
+        self.assertEqual(self.answer(self.backend.login("s", {})),
+                         ("alice", None))
+
+    def test_login_refused(self):
+        for status in (401, 403):
+            self.resource.answers[b"/login"] = (status, b"")
+            e = self.error(self.backend.login("s", {}))
+            self.assertEqual(e.code, errors.AUTH_FAILED)
+        self.resource.answers[b"/login"] = (
+            401, b'{"error": {"code": "bad_password", "msg": "try again"}}')
+        e = self.error(self.backend.login("s", {}))
+        self.assertEqual((e.code, e.msg), (errors.AUTH_FAILED, "try again"))
+
+    def test_login_other_4xx(self):
+        self.resource.answers[b"/login"] = (
+            400, b'{"error": {"code": "banned", "msg": "until Monday"}}')
+        e = self.error(self.backend.login("s", {}))
+        self.assertEqual((e.code, e.msg), ("banned", "until Monday"))
+
+    def test_login_bad_answers(self):
+        for content in (b'{"data": 1}', b'{"player_id": ""}',
+                        b'{"player_id": 5}', b'{"player_id": null}',
+                        b'{"player_id": "' + b"x" * 257 + b'"}',
+                        b"[]", b"not json", b""):
+            self.resource.answers[b"/login"] = (200, content)
+            e = self.error(self.backend.login("s", {}))
+            self.assertEqual(e.code, errors.BACKEND_ERROR, content)
+
+    def test_login_5xx(self):
+        self.resource.answers[b"/login"] = (500, b'{"player_id": "a"}')
+        self.assertEqual(self.error(self.backend.login("s", {})).code,
+                         errors.BACKEND_ERROR)
+
+    # RPC answers.
+
+    def test_rpc_ok(self):
+        self.resource.answers[b"/rpc/echo"] = (200, b'{"data": {"x": [1, 2]}}')
+        self.assertEqual(self.answer(self.backend.call("s", "p", 1, "echo",
+                                                       None)),
+                         {"x": [1, 2]})
+
+    def test_rpc_ok_without_data(self):
+        self.resource.answers[b"/rpc/echo"] = (200, b"{}")
+        self.assertIsNone(self.answer(self.backend.call("s", "p", 1, "echo",
+                                                        None)))
+
+    def test_rpc_error_code_passed_through(self):
+        for status in (400, 403, 404, 409, 422, 429):
+            self.resource.answers[b"/rpc/buy"] = (
+                status, b'{"error": {"code": "not_enough_gold", "msg": "m"}}')
+            e = self.error(self.backend.call("s", "p", 1, "buy", None))
+            self.assertEqual((e.code, e.msg), ("not_enough_gold", "m"), status)
+
+    def test_rpc_error_without_msg(self):
+        self.resource.answers[b"/rpc/buy"] = (
+            400, b'{"error": {"code": "nope"}}')
+        e = self.error(self.backend.call("s", "p", 1, "buy", None))
+        self.assertEqual((e.code, e.msg), ("nope", ""))
+
+    def test_rpc_404_empty_is_route_not_found(self):
+        for content in (b"", b"  \n"):
+            self.resource.answers[b"/rpc/nothing"] = (404, content)
+            e = self.error(self.backend.call("s", "p", 1, "nothing", None))
+            self.assertEqual(e.code, errors.ROUTE_NOT_FOUND)
+
+    def test_rpc_4xx_without_error_body(self):
+        for content in (b"Bad Request", b'{"error": "text"}',
+                        b'{"error": {"code": ""}}', b'{"error": {"code": 5}}',
+                        b"[]", b""):
+            self.resource.answers[b"/rpc/r"] = (400, content)
+            e = self.error(self.backend.call("s", "p", 1, "r", None))
+            self.assertEqual(e.code, errors.BACKEND_ERROR, content)
+        self.resource.answers[b"/rpc/r"] = (404, b"<html>Not Found</html>")
+        self.assertEqual(self.error(self.backend.call("s", "p", 1, "r",
+                                                      None)).code,
+                         errors.BACKEND_ERROR)
+
+    def test_rpc_5xx(self):
+        for status in (500, 502, 503, 504):
+            self.resource.answers[b"/rpc/r"] = (
+                status, b'{"error": {"code": "custom", "msg": "m"}}')
+            e = self.error(self.backend.call("s", "p", 1, "r", None))
+            self.assertEqual(e.code, errors.BACKEND_ERROR, status)
+        self.assertTrue(self.backend.reachable)
+
+    def test_rpc_non_json(self):
+        for content in (b"<html>", b"", b'"just a string"', b"[1]", b"\xff"):
+            self.resource.answers[b"/rpc/r"] = (200, content)
+            e = self.error(self.backend.call("s", "p", 1, "r", None))
+            self.assertEqual(e.code, errors.BACKEND_ERROR, content)
+
+    def test_error_code_bounded(self):
+        self.resource.answers[b"/rpc/r"] = (
+            400, json.dumps({"error": {"code": "c" * 500}}).encode())
+        e = self.error(self.backend.call("s", "p", 1, "r", None))
+        self.assertEqual(e.code, "c" * 64)
+
+    def test_invalid_route_not_sent(self):
+        d = maybeDeferred(self.backend.call, "s", "p", 1, "../admin", None)
+        self.assertEqual(self.failureResultOf(d, GateError).value.code,
+                         errors.BAD_REQUEST)
+        self.assertEqual(self.resource.requests, [])
+
+    # Events and registrations.
+
+    def test_event_status(self):
+        for status in (200, 201, 202, 204):
+            self.resource.answers[b"/events"] = (status, b"")
+            self.assertIsNone(self.answer(self.backend.event({})))
+        for status in (400, 404, 500, 503):
+            self.resource.answers[b"/events"] = (status, b"")
+            d = self.backend.event({})
+            self.stub.flush()
+            self.failureResultOf(d, BackendStatusError)
+
+    def test_register_status(self):
+        self.resource.answers[b"/gates"] = (204, b"")
+        self.assertIsNone(self.answer(self.backend.register({})))
+        self.resource.answers[b"/gates"] = (500, b"")
+        d = self.backend.register({})
+        self.stub.flush()
+        self.failureResultOf(d, BackendStatusError)
+
+    # Unreachable and slow backends.
+
+    def test_timeout(self):
+        """
+        A backend that does not answer within C{backend.timeout} gives
+        C{backend_timeout}, at that time and not before.
+        """
+        self.resource.answers[b"/rpc/slow"] = None
+        d = self.backend.call("s", "p", 1, "slow", None)
+        self.stub.flush()
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertEqual(self.failureResultOf(d, GateError).value.code,
+                         errors.BACKEND_TIMEOUT)
+        self.assertIs(self.backend.reachable, False)
+
+    def test_timeout_fake_http(self):
+        http = FakeHTTP(Deferred)
+        backend = self.make(SECRET, http=http)
+        for call in (lambda: backend.login("s", {}),
+                     lambda: backend.call("s", "p", 1, "r", None)):
+            d = call()
+            self.clock.advance(5)
+            self.assertEqual(self.failureResultOf(d, GateError).value.code,
+                             errors.BACKEND_TIMEOUT)
+        d = backend.event({})
+        self.clock.advance(5)
+        self.assertEqual(self.failureResultOf(d, GateError).value.code,
+                         errors.BACKEND_TIMEOUT)
+
+    def test_no_timer_left(self):
+        self.answer(self.backend.call("s", "p", 1, "echo", None))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_connection_refused(self):
+        for exception in (ConnectionRefusedError(), DNSLookupError("nohost"),
+                          ResponseNeverReceived([])):
+            http = FakeHTTP(lambda: fail(exception))
+            backend = self.make(SECRET, http=http)
+            for d in (backend.login("s", {}), backend.call("s", "p", 1, "r", 1),
+                      backend.event({}), backend.register({})):
+                self.assertEqual(self.failureResultOf(d, GateError).value.code,
+                                 errors.BACKEND_UNAVAILABLE, exception)
+            self.assertIs(backend.reachable, False)
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_reachable_again(self):
+        calls = []
+
+        def answer():
+            if not calls:
+                calls.append(1)
+                return fail(ConnectionRefusedError())
+            return self.stub.post("http://backend.test/rpc/r", data=b"{}")
+
+        backend = self.make(SECRET, http=FakeHTTP(answer))
+        self.assertIsNone(backend.reachable)
+        self.failureResultOf(backend.call("s", "p", 1, "r", None), GateError)
+        self.assertIs(backend.reachable, False)
+        d = backend.call("s", "p", 1, "r", None)
+        self.stub.flush()
+        self.successResultOf(d)
+        self.assertIs(backend.reachable, True)
+
+    def test_close(self):
+        self.successResultOf(self.backend.close())
+        backend = HTTPBackend(MemoryReactorClock(), "http://b", "g", 1.0)
+        self.successResultOf(backend.close())
