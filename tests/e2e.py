@@ -149,11 +149,13 @@ def auth_token(player_id, secret=AUTH_SECRET, lifetime=300, **claims):
     return jwt.encode(payload, secret, algorithm="HS256")
 
 
-def events_of(gate, player_id, event=None):
+def events_of(backend, player_id, event=None):
     """
-    The lifecycle event bodies the reference backend got for C{player_id}.
+    The lifecycle event bodies a reference backend (or a gate's in-process
+    one) got for C{player_id}, optionally only those of kind C{event}.
     """
-    return [e for e in gate.reference.events
+    backend = getattr(backend, "reference", None) or backend
+    return [e for e in backend.events
             if e["player_id"] == player_id
             and (event is None or e["event"] == event)]
 
@@ -370,6 +372,19 @@ class RawClient(Protocol):
         return self.wait_lost(STOP_TIMEOUT)
 
 
+class Addresses:
+    """
+    Stands in for a gate where only its listeners' ports are known (a gate
+    in another process): C{Addresses(tcp=8080, ...).address("tcp")}.
+    """
+
+    def __init__(self, **ports):
+        self._ports = ports
+
+    def address(self, name):
+        return ("127.0.0.1", self._ports[name])
+
+
 def _endpoint(gate, listener):
     host, port = gate.address(listener)
     return TCP4ClientEndpoint(reactor, host, port, timeout=TIMEOUT)
@@ -422,6 +437,7 @@ class HTTP:
     """
     treq on a non-persistent pool, closed on cleanup.
 
+    @param gate: a L{GateService} or L{Addresses}.
     @param listener: C{"api"} or C{"metrics"}.
     """
 

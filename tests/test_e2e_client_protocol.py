@@ -10,8 +10,8 @@ import jwt
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
-from tests.e2e import (AUTH_SECRET, CONNECTORS, HTTP, auth_token, closed_port, events_of,
-                       start_gate, until)
+from tests.e2e import (AUTH_SECRET, CONNECTORS, HTTP, auth_token,
+                       closed_port, events_of, start_gate, until)
 
 
 class ClientProtocolMixin:

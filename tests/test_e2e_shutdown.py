@@ -24,8 +24,8 @@ from twisted.web.server import Site
 
 from backend.reference import ReferenceBackend
 from tests.e2e import (API_KEY, AUTH_SECRET, HTTP, LOOPBACK, TIMEOUT,
-                       TCPClient, connect_tcp, connect_ws, events_of,
-                       start_gate, until, within)
+                       Addresses, TCPClient, connect_tcp, connect_ws,
+                       events_of, start_gate, until, within)
 
 #: The checkout: the twistd plugin imports C{gate.tap} from here.
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,11 +235,7 @@ class TwistdShutdownTests(TestCase):
         """
         Whether C{/health} answered 200 before the process ended.
         """
-        class Listener:
-            def address(self, name):
-                return ("127.0.0.1", metrics_port)
-
-        metrics = HTTP(self, Listener(), "metrics")
+        metrics = HTTP(self, Addresses(metrics=metrics_port), "metrics")
 
         async def healthy():
             if not process.running:
@@ -257,19 +253,14 @@ class TwistdShutdownTests(TestCase):
     async def test_sigterm(self):
         backend, backend_url = await self.start_backend()
         process, (tcp, ws, api, metrics) = await self.spawn_gate(backend_url)
-
-        class Child:
-            def address(self, name):
-                return ("127.0.0.1", {"tcp": tcp, "ws": ws, "api": api,
-                                      "metrics": metrics}[name])
-
-        alice = await connect_tcp(self, Child())
+        child = Addresses(tcp=tcp, ws=ws, api=api, metrics=metrics)
+        alice = await connect_tcp(self, child)
         login = await alice.login("alice")
         self.assertEqual(login["player_id"], "alice")
-        bob = await connect_ws(self, Child())
+        bob = await connect_ws(self, child)
         await bob.login("bob")
         for name in ("alice", "bob"):
-            await until(lambda: events_of_backend(backend, name, "online"),
+            await until(lambda: events_of(backend, name, "online"),
                         f"{name}'s online event")
         self.assertEqual(backend.gates["e2e-twistd"]["state"], "up")
 
@@ -281,7 +272,7 @@ class TwistdShutdownTests(TestCase):
         reason = await process.wait_ended(EXIT_TIMEOUT)
         output = process.output.decode("utf-8", "replace")
         for name in ("alice", "bob"):
-            offline = events_of_backend(backend, name, "offline")
+            offline = events_of(backend, name, "offline")
             self.assertEqual(len(offline), 1, (name, list(backend.events)))
             self.assertEqual(offline[0]["gate_id"], "e2e-twistd")
         self.assertEqual(backend.gates["e2e-twistd"]["state"], "down")
@@ -296,7 +287,3 @@ class TwistdShutdownTests(TestCase):
                         f"{reason.value}")
         self.assertEqual(reason.value.exitCode, 0, output)
 
-
-def events_of_backend(backend, player_id, event):
-    return [e for e in backend.events
-            if e["player_id"] == player_id and e["event"] == event]
