@@ -9,9 +9,17 @@ C{twistd --logger gate.logs.json_observer}.
 import json
 import sys
 
-from twisted.logger import formatEvent
+from twisted.logger import ILogObserver, formatEvent
 from zope.interface import implementer
-from twisted.logger import ILogObserver
+
+
+#: The gate id of this process, set when a gate starts, for observers made
+#: before the configuration was read (C{twistd --logger ...}).
+_process = {"gate_id": None}
+
+
+def set_gate_id(gate_id):
+    _process["gate_id"] = gate_id
 
 
 @implementer(ILogObserver)
@@ -29,8 +37,9 @@ class JSONLineObserver:
                   "level": getattr(event.get("log_level"), "name", None),
                   "ns": event.get("log_namespace"),
                   "msg": formatEvent(event)}
-        if self._gate_id is not None:
-            record["gate_id"] = self._gate_id
+        gate_id = self._gate_id or _process["gate_id"]
+        if gate_id is not None:
+            record["gate_id"] = gate_id
         for key, value in event.items():
             if key.startswith("log_") or key in ("format", "message",
                                                  "system", "time", "isError"):

@@ -165,6 +165,9 @@ class PlayerManager:
                 self.online += 1
                 self._report()
                 self._events.emit("online", player.player_id, session.id)
+                self.log.info("session {session_id} from {peer} bound to "
+                              "player {player_id}", session_id=session.id,
+                              peer=session.peer, player_id=player.player_id)
             return player
 
         d.addCallback(claimed)

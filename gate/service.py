@@ -21,7 +21,7 @@ from gate.api import APIResource, APISite
 from gate.backend import HTTPBackend
 from gate.events import EventSender
 from gate.health import health_site
-from gate.logs import JSONLineObserver
+from gate.logs import JSONLineObserver, set_gate_id
 from gate.metrics import Metrics
 from gate.player import PlayerManager
 from gate.registration import Registrar
@@ -260,6 +260,7 @@ class GateService(MultiService):
             self.reference.api_url = f"http://{api_host}:{api_port}"
 
     def startService(self):
+        set_gate_id(self.gate_id)
         path = self.config["log.json_file"]
         if path:
             stream = sys.stdout if path == "-" else open(path, "a")

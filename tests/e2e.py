@@ -37,7 +37,7 @@ from gate.service import GateService
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 API_KEY = "e2e-api-key"
-#: 32 bytes or more: PyJWT warns about shorter HMAC keys.
+#: 32 bytes or more: the gate and PyJWT refuse shorter HMAC keys.
 AUTH_SECRET = "e2e-auth-secret-0123456789abcdef0123456789"
 
 #: Bound on anything that should happen "at once" (a reply, a close): far
@@ -59,8 +59,7 @@ def within(d, timeout, what):
 
     def timed_out(failure):
         failure.trap(TimeoutError)
-        raise FailTest(f"timed out after {timeout:g}s waiting for "
-                             f"{what}")
+        raise FailTest(f"timed out after {timeout:g}s waiting for {what}")
 
     return d.addErrback(timed_out)
 
@@ -79,7 +78,7 @@ async def until(condition, what, timeout=TIMEOUT, interval=0.01):
             return value
         if reactor.seconds() >= deadline:
             raise FailTest(f"timed out after {timeout:g}s waiting for "
-                                 f"{what}")
+                           f"{what}")
         await deferLater(reactor, interval, lambda: None)
 
 
@@ -217,7 +216,7 @@ class ClientMixin:
         pending = list(self.queue.pending)
         if pending:
             raise FailTest(f"unexpected envelopes on {self.name}: "
-                                 f"{pending!r}")
+                           f"{pending!r}")
 
     def new_id(self):
         self._next_id += 1
@@ -499,7 +498,7 @@ class HTTP:
         code, answer, raw = await self.get(f"/v1/players/{player_id}")
         if code != 200:
             raise FailTest(f"GET /v1/players/{player_id} answered "
-                                 f"{code}: {raw!r}")
+                           f"{code}: {raw!r}")
         return answer
 
     async def wait_offline(self, player_id):
