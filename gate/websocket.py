@@ -98,12 +98,14 @@ class GateWebSocketFactory(WebSocketServerFactory):
     noisy = False
 
     def __init__(self, sessions, max_frame, clock):
-        WebSocketServerFactory.__init__(self)
+        WebSocketServerFactory.__init__(self, server="mmogate")
         self.sessions = sessions
         self.clock = clock
         self.setProtocolOptions(maxMessagePayloadSize=max_frame,
                                 maxFramePayloadSize=max_frame,
                                 openHandshakeTimeout=10,
+                                # No HTML status page for plain HTTP GETs.
+                                webStatus=False,
                                 closeHandshakeTimeout=5)
 
     def buildProtocol(self, addr):
