@@ -2,14 +2,16 @@
 The TCP transport's framing: a 4-byte unsigned big-endian length, then that
 many bytes of payload (PROTOCOL.md section 1).
 
-Kept apart from any protocol class so it can be tested byte by byte and
-reused by the encrypted channel, which frames the same way.
+Kept apart from any protocol class so it can be tested byte by byte, and
+shared by the gate, the Python client and the encrypted channel, which all
+frame the same way.
 """
 
 import struct
 
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
+MAX_HEADER_SIZE = 0xFFFFFFFF
 
 
 class FrameTooLarge(Exception):
@@ -17,16 +19,23 @@ class FrameTooLarge(Exception):
     A frame header announced more than the allowed payload size.
     """
 
-    def __init__(self, size, limit):
-        Exception.__init__(self, size, limit)
+    def __init__(self, size, limit, payloads=()):
+        Exception.__init__(self, f"frame of {size} bytes exceeds {limit}")
         self.size = size
         self.limit = limit
+        #: Complete payloads that preceded the oversized frame in the same
+        #: feed: valid, and still to be delivered.
+        self.payloads = list(payloads)
 
 
 def frame(payload):
     """
     The bytes that carry C{payload} on the wire.
+
+    @raise FrameTooLarge: if C{payload} cannot be described by the header.
     """
+    if len(payload) > MAX_HEADER_SIZE:
+        raise FrameTooLarge(len(payload), MAX_HEADER_SIZE)
     return _HEADER.pack(len(payload)) + payload
 
 
@@ -47,7 +56,8 @@ class FrameDecoder:
         Add received bytes; return the list of complete payloads.
 
         @raise FrameTooLarge: as soon as a header announces an oversized frame,
-            before its payload is buffered.
+            before its payload is buffered; the payloads completed before it
+            are on the exception. The stream has lost its framing then.
         """
         buffer = self._buffer
         buffer += data
@@ -58,10 +68,10 @@ class FrameDecoder:
             (size,) = _HEADER.unpack_from(buffer, offset)
             if size > self.max_frame:
                 self._buffer = bytearray()
-                raise FrameTooLarge(size, self.max_frame)
-            if end - offset - HEADER_SIZE < size:
-                break
+                raise FrameTooLarge(size, self.max_frame, payloads)
             start = offset + HEADER_SIZE
+            if end - start < size:
+                break
             payloads.append(bytes(buffer[start:start + size]))
             offset = start + size
         if offset:

@@ -27,8 +27,13 @@ class GateTCPProtocol(Protocol):
         try:
             payloads = self._decoder.feed(data)
         except FrameTooLarge as e:
+            self._deliver(session, e.payloads)
             session.frame_too_large(e.size, e.limit)
             return
+        self._deliver(session, payloads)
+
+    @staticmethod
+    def _deliver(session, payloads):
         for payload in payloads:
             if session.closing or session.closed:
                 break

@@ -44,6 +44,7 @@ class JSONLineObserverTests(SynchronousTestCase):
         An observer made before the configuration was read (twistd
         --logger) takes the gate id the gate announces when it starts.
         """
+        logs.set_gate_id(None)
         self.addCleanup(logs.set_gate_id, None)
         self.publisher.addObserver(logs.JSONLineObserver(self.stream))
         self.log.info("before")
