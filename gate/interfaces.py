@@ -16,11 +16,15 @@ class IMailboxStore(Interface):
     only where retention dropped messages.
     """
 
-    def append(player_id, route, data, ts):
+    def append(player_ids, route, data, ts):
         """
-        Store a push for C{player_id} and number it.
+        Store one push for each of C{player_ids} and number it per player.
 
-        @return: L{Deferred} firing with the stored L{gate.mailbox.Entry}.
+        One call for all recipients of a push, so a networked store can send
+        them in one round trip.
+
+        @return: L{Deferred} firing with the stored L{gate.mailbox.Entry}s,
+            one per player id, in order.
         """
 
     def read_after(player_id, last_seq):

@@ -40,6 +40,9 @@ class Metrics:
         self.events = Counter("mmogate_lifecycle_events", "Lifecycle events to "
                               "the backend", ["outcome"], registry=r)
         self._routes = set()
+        self._push_outcomes = {outcome: self.pushes.labels(outcome) for outcome
+                               in ("delivered", "queued", "dropped",
+                                   "unknown")}
 
     def session_opened(self, transport):
         self.sessions.labels(transport).inc()
@@ -60,17 +63,22 @@ class Metrics:
         self.requests.labels(route, outcome).inc()
         self.latency.labels(route).observe(seconds)
 
-    def pushed(self, result, persist):
-        if result.dropped:
-            self.pushes.labels("dropped").inc(result.dropped)
-        if result.unknown:
-            self.pushes.labels("unknown").inc(len(result.unknown))
-        if not persist and result.delivered:
-            self.pushes.labels("delivered").inc(result.delivered)
+    def pushed(self, result):
+        """
+        Count the outcomes of one push request (one call, however many
+        players: label lookups cost more than the increments).
+        """
+        pushes = self._push_outcomes
+        for outcome, n in (("delivered", result.delivered),
+                           ("queued", result.queued),
+                           ("dropped", result.dropped),
+                           ("unknown", len(result.unknown))):
+            if n:
+                pushes[outcome].inc(n)
 
-    def push_outcome(self, outcome, n=1):
+    def broadcast(self, n):
         if n:
-            self.pushes.labels(outcome).inc(n)
+            self._push_outcomes["delivered"].inc(n)
 
     def pool(self, size, busy, queued):
         self.pool_size.set(size)

@@ -234,7 +234,7 @@ class PlayerManager:
         """
         template = PushTemplate(route, data, self._clock.seconds())
         result = PushResult()
-        pending = []
+        players = []
         seen = set()
         for player_id in player_ids:
             if player_id in seen:
@@ -243,37 +243,35 @@ class PlayerManager:
             player = self.players.get(player_id)
             if player is None:
                 result.unknown.append(player_id)
-                continue
-            if not persist:
+            elif persist:
+                players.append(player)
+            elif player.session is not None:
+                player.session.push(template.transient())
+                result.delivered += 1
+            else:
+                result.dropped += 1
+        if not players:
+            self._count(result)
+            return succeed(result)
+        d = self.mailboxes.append([p.player_id for p in players], route,
+                                  data, template.ts)
+
+        def stored(entries):
+            for player, entry in zip(players, entries):
                 session = player.session
                 if session is not None:
-                    session.push(template.transient())
+                    session.push(template.with_seq(entry.seq))
                     result.delivered += 1
                 else:
-                    result.dropped += 1
-                continue
-            d = self.mailboxes.append(player_id, route, data, template.ts)
-            d.addCallback(self._route_entry, player, template, result)
-            pending.append(d)
-        if self._metrics is not None:
-            self._metrics.pushed(result, persist)
-        if not pending:
-            return succeed(result)
-        d = gatherResults(pending, consumeErrors=True)
-        d.addCallback(lambda _: result)
-        return d
+                    result.queued += 1
+            self._count(result)
+            return result
 
-    def _route_entry(self, entry, player, template, result):
-        session = player.session
-        if session is not None:
-            session.push(template.with_seq(entry.seq))
-            result.delivered += 1
-            outcome = "delivered"
-        else:
-            result.queued += 1
-            outcome = "queued"
+        return d.addCallback(stored)
+
+    def _count(self, result):
         if self._metrics is not None:
-            self._metrics.push_outcome(outcome)
+            self._metrics.pushed(result)
 
     def broadcast(self, route, data):
         """
@@ -288,7 +286,7 @@ class PlayerManager:
                 player.session.push(message)
                 n += 1
         if self._metrics is not None:
-            self._metrics.push_outcome("delivered", n)
+            self._metrics.broadcast(n)
         return n
 
     def kick(self, player_id, reason, msg):

@@ -34,10 +34,14 @@ class MemoryMailboxStore:
                                                    self._max_age)
         return box
 
-    def append(self, player_id, route, data, ts):
-        box = self._box(player_id)
-        box.expire(self._clock.seconds())
-        return succeed(box.append(route, data, ts))
+    def append(self, player_ids, route, data, ts):
+        now = self._clock.seconds()
+        entries = []
+        for player_id in player_ids:
+            box = self._box(player_id)
+            box.expire(now)
+            entries.append(box.append(route, data, ts))
+        return succeed(entries)
 
     def read_after(self, player_id, last_seq):
         box = self._boxes.get(player_id)

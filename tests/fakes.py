@@ -223,8 +223,8 @@ class LateAnswers:
 
 @implementer(IMailboxStore)
 class LateMailboxStore(LateAnswers):
-    def append(self, player_id, route, data, ts):
-        return self._call("append", player_id, route, data, ts)
+    def append(self, player_ids, route, data, ts):
+        return self._call("append", player_ids, route, data, ts)
 
     def read_after(self, player_id, last_seq):
         return self._call("read_after", player_id, last_seq)
@@ -262,7 +262,7 @@ class FailingMailboxStore(MemoryMailboxStore):
     A memory store whose C{append} fails (the store went away).
     """
 
-    def append(self, player_id, route, data, ts):
+    def append(self, player_ids, route, data, ts):
         return fail(RuntimeError("store unreachable"))
 
 

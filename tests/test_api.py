@@ -6,7 +6,6 @@ C{Content-Length}, chunked bodies and the body limit are the real ones).
 
 import json
 
-from twisted.internet.defer import FirstError
 from twisted.trial.unittest import SynchronousTestCase
 
 from gate.api import APIResource, APISite
@@ -258,7 +257,7 @@ class PushTests(APITestCase):
                                               "route": "r"})
         self.assertEqual(status, 503)
         self.assertEqual(body["error"]["code"], "unavailable")
-        self.assertEqual(len(self.flushLoggedErrors(FirstError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_broadcast(self):
         s1, c1, _ = self.stack.login("a")

@@ -189,13 +189,26 @@ class MemoryStoreTests(SynchronousTestCase):
     def result(self, d):
         return self.successResultOf(d)
 
+    def first(self, d):
+        [entry] = self.successResultOf(d)
+        return entry
+
+    def test_append_many(self):
+        """
+        One append numbers the push for every player given, in order.
+        """
+        self.store.append(["a"], "r", 0, 0.0)
+        entries = self.result(self.store.append(["a", "b", "c"], "r", 1, 0.0))
+        self.assertEqual([(e.seq, e.data) for e in entries],
+                         [(2, 1), (1, 1), (1, 1)])
+
     def test_interface(self):
         self.assertTrue(verifyObject(IMailboxStore, self.store))
 
     def test_append_numbers_per_player(self):
-        a1 = self.result(self.store.append("a", "r", 1, 0.0))
-        a2 = self.result(self.store.append("a", "r", 2, 0.0))
-        b1 = self.result(self.store.append("b", "r", 3, 0.0))
+        a1 = self.first(self.store.append(["a"], "r", 1, 0.0))
+        a2 = self.first(self.store.append(["a"], "r", 2, 0.0))
+        b1 = self.first(self.store.append(["b"], "r", 3, 0.0))
         self.assertEqual((a1.seq, a2.seq, b1.seq), (1, 2, 1))
         self.assertEqual(a1, Entry(1, 0.0, "r", 1))
 
@@ -208,7 +221,7 @@ class MemoryStoreTests(SynchronousTestCase):
 
     def test_count_and_gap(self):
         for i in range(5):
-            self.store.append("a", "r", i, 0.0)
+            self.store.append(["a"], "r", i, 0.0)
         self.assertEqual(self.result(self.store.size("a")), 3)
         self.assertEqual(self.result(self.store.last_seq("a")), 5)
         gap, entries = self.result(self.store.read_after("a", 0))
@@ -216,9 +229,9 @@ class MemoryStoreTests(SynchronousTestCase):
         self.assertEqual(seqs(entries), [3, 4, 5])
 
     def test_age_uses_clock(self):
-        self.store.append("a", "r", 1, self.clock.seconds())
+        self.store.append(["a"], "r", 1, self.clock.seconds())
         self.clock.advance(50)
-        self.store.append("a", "r", 2, self.clock.seconds())
+        self.store.append(["a"], "r", 2, self.clock.seconds())
         self.clock.advance(50)
         self.assertEqual(self.result(self.store.size("a")), 1)
         gap, entries = self.result(self.store.read_after("a", 0))
@@ -229,31 +242,31 @@ class MemoryStoreTests(SynchronousTestCase):
         self.assertEqual(self.result(self.store.last_seq("a")), 2)
 
     def test_append_expires_old(self):
-        self.store.append("a", "r", 1, 0.0)
+        self.store.append(["a"], "r", 1, 0.0)
         self.clock.advance(100)
-        self.store.append("a", "r", 2, 100.0)
+        self.store.append(["a"], "r", 2, 100.0)
         self.assertEqual(self.store.total(), 1)
 
     def test_ack(self):
         for i in range(3):
-            self.store.append("a", "r", i, 0.0)
+            self.store.append(["a"], "r", i, 0.0)
         self.store.ack("a", 2)
         self.assertEqual(self.result(self.store.size("a")), 1)
         self.assertEqual(self.result(self.store.read_after("a", 0)),
                          (None, [Entry(3, 0.0, "r", 2)]))
 
     def test_drop(self):
-        self.store.append("a", "r", 1, 0.0)
-        self.store.append("b", "r", 1, 0.0)
+        self.store.append(["a"], "r", 1, 0.0)
+        self.store.append(["b"], "r", 1, 0.0)
         self.store.drop("a")
         self.assertEqual(self.result(self.store.last_seq("a")), 0)
         self.assertEqual(self.result(self.store.size("a")), 0)
         self.assertEqual(self.store.total(), 1)
-        self.assertEqual(self.result(self.store.append("a", "r", 1, 0.0)).seq, 1)
+        self.assertEqual(self.first(self.store.append(["a"], "r", 1, 0.0)).seq, 1)
 
     def test_total(self):
         self.assertEqual(self.store.total(), 0)
         for player in ("a", "b"):
             for i in range(5):
-                self.store.append(player, "r", i, 0.0)
+                self.store.append([player], "r", i, 0.0)
         self.assertEqual(self.store.total(), 6)

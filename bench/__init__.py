@@ -1,0 +1,4 @@
+"""
+Benchmarks of a running gate: C{python -m bench.roundtrip} and C{python -m
+bench.pushes}. See C{bench/README.md}.
+"""
