@@ -40,6 +40,7 @@ class Metrics:
         self.events = Counter("mmogate_lifecycle_events", "Lifecycle events to "
                               "the backend", ["outcome"], registry=r)
         self._routes = set()
+        self._request_children = {}
         self._push_outcomes = {outcome: self.pushes.labels(outcome) for outcome
                                in ("delivered", "queued", "dropped",
                                    "unknown")}
@@ -55,13 +56,21 @@ class Metrics:
         self.players_gauge.labels("offline").set(offline)
 
     def request(self, route, outcome, seconds):
-        if route not in self._routes:
-            if len(self._routes) >= MAX_ROUTE_LABELS:
-                route = "other"
-            else:
-                self._routes.add(route)
-        self.requests.labels(route, outcome).inc()
-        self.latency.labels(route).observe(seconds)
+        children = self._request_children.get((route, outcome))
+        if children is None:
+            label = route
+            if route not in self._routes:
+                if len(self._routes) >= MAX_ROUTE_LABELS:
+                    label = "other"
+                else:
+                    self._routes.add(route)
+            children = (self.requests.labels(label, outcome),
+                        self.latency.labels(label))
+            if len(self._request_children) < 4 * MAX_ROUTE_LABELS:
+                # Label lookups cost more than the updates; keep them.
+                self._request_children[(route, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def pushed(self, result):
         """
