@@ -80,6 +80,10 @@ SCHEMA = (
         "closed; the gate pings it at half the time.", minimum=0.01),
     Key("session.max_inflight", int, 64, "Requests one session may have "
         "queued or running; more are answered busy.", minimum=1),
+    Key("session.max_outbuf", int, 1048576, "Bytes that may wait for a "
+        "client that reads slowly (beyond the socket buffer); past them it is "
+        "kicked with slow_consumer, and reading from it pauses meanwhile.",
+        minimum=1024),
     Key("player.idle_timeout", float, 1800.0, "A player without a session this "
         "long is removed with its mailbox.", minimum=0.01),
     Key("player.mailbox_max", int, 1000, "Persistent pushes kept per player.",

@@ -1,7 +1,10 @@
 """
-What the TCP and WebSocket protocols share: closing a connection that will
-not drain, and refusing new ones while the gate is not accepting.
+What the TCP and WebSocket protocols share: flow control towards a client
+that reads slowly, and closing a connection that will not drain.
 """
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 #: Seconds a closing connection may take to write what is queued to it
 #: before it is dropped; a client that stopped reading must not keep it.
@@ -38,3 +41,53 @@ def peer_of(transport):
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+@implementer(IPushProducer)
+class OutputFlow:
+    """
+    Bounds what one client can make the gate hold for it.
+
+    Registered as the streaming producer of a connection's transport, it is
+    paused when the transport's write buffer is full. While paused the gate
+    stops reading from that client (so a client that sends but never reads
+    cannot pile up answers), and counts what it still has to write (pushes);
+    past C{limit} bytes C{overflow} is called once, and the session is
+    kicked with C{slow_consumer}. Persistent pushes stay in the mailbox until
+    acked, so the client loses none of them by being kicked.
+    """
+
+    def __init__(self, transport, limit, overflow, drained):
+        self._transport = transport
+        self.limit = limit
+        self._overflow = overflow
+        self._drained = drained
+        self.paused = False
+        self.queued = 0
+        self.overflowed = False
+
+    def wrote(self, size):
+        if not self.paused:
+            return
+        self.queued += size
+        if self.queued > self.limit and not self.overflowed:
+            self.overflowed = True
+            self._overflow()
+
+    def pauseProducing(self):
+        # Transports call this on every write while their buffer is full:
+        # only the first call starts a new count.
+        if self.paused:
+            return
+        self.paused = True
+        self.queued = 0
+        self._transport.pauseProducing()
+
+    def resumeProducing(self):
+        self.paused = False
+        self.queued = 0
+        self._transport.resumeProducing()
+        self._drained()
+
+    def stopProducing(self):
+        self.paused = False

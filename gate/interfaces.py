@@ -135,6 +135,9 @@ class IClientConnection(Interface):
 
     transport_name = Attribute("'tcp' or 'ws' (with '+tls' when encrypted)")
     peer = Attribute("The peer address as 'host:port'")
+    paused = Attribute("Whether the client is not keeping up: writes wait "
+                       "in the gate. The connection calls the session's "
+                       "writable() when it drains.")
 
     def send(outgoing):
         """

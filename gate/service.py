@@ -189,12 +189,14 @@ class GateService(MultiService):
         if config["listen.tcp"]:
             self._listen("tcp", config["listen.tcp"],
                          GateTCPFactory(self.sessions,
-                                        config["session.max_frame"], reactor))
+                                        config["session.max_frame"], reactor,
+                                        config["session.max_outbuf"]))
         if config["listen.ws"]:
             self._listen("ws", config["listen.ws"],
                          GateWebSocketFactory(self.sessions,
                                               config["session.max_frame"],
-                                              reactor))
+                                              reactor,
+                                              config["session.max_outbuf"]))
         self.registrar = Registrar(reactor, backend, self.gate_id,
                                    config["backend.register_interval"],
                                    self.describe)

@@ -46,7 +46,9 @@ class Session:
         # below it is a duplicate (a live push also read by a resume).
         self.delivered_seq = 0
         self._replaying = False
+        self._replay = None
         self._held = []
+        self._held_bytes = 0
         self._heartbeat = None
         self._pinged_for = None
 
@@ -113,6 +115,7 @@ class Session:
         self.closed = True
         self._lane.clear()
         self._held = []
+        self._replay = None
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None
@@ -158,6 +161,11 @@ class Session:
             return
         if self._replaying:
             self._held.append(outgoing)
+            self._held_bytes += len(outgoing.payload)
+            if self._held_bytes > self.manager.max_outbuf:
+                # The replay is not being read fast enough to catch up with
+                # live pushes; persistent ones stay in the mailbox.
+                self.slow_consumer()
             return
         seq = outgoing.seq
         if seq is not None:
@@ -172,10 +180,11 @@ class Session:
         """
         self.delivered_seq = 0
         self._held = []
+        self._held_bytes = 0
 
     def begin_replay(self):
         """
-        Hold live pushes until L{end_replay}.
+        Hold live pushes until L{end_replay} has written the mailbox.
         """
         self._replaying = True
 
@@ -183,19 +192,45 @@ class Session:
         """
         Send a resume's gap notice and mailbox, then what was held, each
         persistent push once and in seq order.
+
+        The mailbox is written as fast as the client reads it (see
+        L{writable}), not all at once: a long mailbox costs no more memory
+        than the store already holds.
         """
-        self._replaying = False
-        held, self._held = self._held, []
         if self.closed or self.closing:
+            self._finish_replay()
             return
         if gap is not None:
             self.connection.send(envelope.message(
                 {"t": "gap", "from": gap[0], "to": gap[1]}))
-        for entry in entries:
+        self._replay = deque(entries)
+        self.writable()
+
+    def writable(self):
+        """
+        The connection can take more: go on with a replay in progress.
+        """
+        replay = self._replay
+        if replay is None:
+            return
+        connection = self.connection
+        while replay and not connection.paused:
+            if self.closed or self.closing:
+                break
+            entry = replay.popleft()
             if entry.seq > self.delivered_seq:
                 self.delivered_seq = entry.seq
-                self.connection.send(envelope.Outgoing(
+                connection.send(envelope.Outgoing(
                     envelope.encode(entry.as_dict()), seq=entry.seq))
+        if replay and not (self.closed or self.closing):
+            return
+        self._finish_replay()
+
+    def _finish_replay(self):
+        self._replay = None
+        self._replaying = False
+        held, self._held = self._held, []
+        self._held_bytes = 0
         for outgoing in held:
             self.push(outgoing)
 
@@ -211,6 +246,13 @@ class Session:
         self.connection.send(envelope.message(
             {"t": "kick", "reason": reason, "msg": msg}))
         self.connection.close()
+
+    def slow_consumer(self):
+        """
+        The client reads too slowly: more than C{session.max_outbuf} bytes
+        wait for it.
+        """
+        self.kick("slow_consumer", "the client does not read fast enough")
 
     def fail(self, code, msg):
         """
@@ -268,6 +310,7 @@ class SessionManager:
         self._clock = clock
         self.gate_id = config["gate.id"]
         self.max_inflight = config["session.max_inflight"]
+        self.max_outbuf = config["session.max_outbuf"]
         self.heartbeat_ttl = config["session.heartbeat_ttl"]
         self.players = players
         self.pool = pool

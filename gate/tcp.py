@@ -6,7 +6,7 @@ L{gate.session.Session}.
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from gate.connection import ClosingTimer, peer_of
+from gate.connection import ClosingTimer, OutputFlow, peer_of
 from gate.framing import FrameDecoder, FrameTooLarge
 from gate.interfaces import IClientConnection
 
@@ -21,6 +21,10 @@ class GateTCPProtocol(Protocol):
         self._decoder = FrameDecoder(self.factory.max_frame)
         self._closer = ClosingTimer(self.factory.clock)
         self.session = self.factory.sessions.open(self)
+        self._flow = OutputFlow(self.transport, self.factory.max_outbuf,
+                                self.session.slow_consumer,
+                                self.session.writable)
+        self.transport.registerProducer(self._flow, True)
 
     def dataReceived(self, data):
         session = self.session
@@ -46,10 +50,22 @@ class GateTCPProtocol(Protocol):
 
     # IClientConnection
 
+    @property
+    def paused(self):
+        return self._flow.paused
+
     def send(self, outgoing):
-        self.transport.write(outgoing.framed)
+        data = outgoing.framed
+        self.transport.write(data)
+        self._flow.wrote(len(data))
 
     def close(self):
+        # A transport with a producer registered does not close; and one
+        # that stopped reading would not notice the client leaving.
+        self.transport.unregisterProducer()
+        if self._flow.paused:
+            self._flow.stopProducing()
+            self.transport.resumeProducing()
         self.transport.loseConnection()
         self._closer.start(self.transport)
 
@@ -65,10 +81,11 @@ class GateTCPFactory(Factory):
     protocol = GateTCPProtocol
     noisy = False
 
-    def __init__(self, sessions, max_frame, clock):
+    def __init__(self, sessions, max_frame, clock, max_outbuf=1 << 20):
         self.sessions = sessions
         self.max_frame = max_frame
         self.clock = clock
+        self.max_outbuf = max_outbuf
 
     def buildProtocol(self, addr):
         if not self.sessions.accepting:

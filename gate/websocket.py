@@ -9,7 +9,7 @@ from autobahn.twisted.websocket import (WebSocketServerFactory,
 from autobahn.websocket.types import ConnectionDeny
 from zope.interface import implementer
 
-from gate.connection import ClosingTimer, peer_of
+from gate.connection import ClosingTimer, OutputFlow, peer_of
 from gate.interfaces import IClientConnection
 
 WS_PATH = "/ws"
@@ -29,6 +29,10 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self.peer = peer_of(self.transport)
         self._closer = ClosingTimer(self.factory.clock)
         self.session = self.factory.sessions.open(self)
+        self._flow = OutputFlow(self.transport, self.factory.max_outbuf,
+                                self.session.slow_consumer,
+                                self.session.writable)
+        self.transport.registerProducer(self._flow, True)
 
     def onMessage(self, payload, isBinary):
         session = self.session
@@ -61,10 +65,15 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self.wasClean = False
         self.wasNotCleanReason = reason
         self.session.frame_too_large(msg_size, max_msg_size)
+        self.transport.unregisterProducer()
         self.dropConnection(abort=False)
         self._closer.start(self.transport)
 
     # IClientConnection
+
+    @property
+    def paused(self):
+        return self._flow.paused
 
     def send(self, outgoing):
         if self.state != self.STATE_OPEN:
@@ -79,8 +88,15 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
             self.transport.write(prepared.payloadHybi)
         else:
             self.sendPreparedMessage(prepared)
+        self._flow.wrote(len(prepared.payloadHybi))
 
     def close(self):
+        # A transport with a producer registered does not close; and one
+        # that stopped reading would not notice the client leaving.
+        self.transport.unregisterProducer()
+        if self._flow.paused:
+            self._flow.stopProducing()
+            self.transport.resumeProducing()
         if self.state == self.STATE_OPEN:
             self.sendClose(1000)
         self._closer.start(self.transport)
@@ -97,10 +113,11 @@ class GateWebSocketFactory(WebSocketServerFactory):
     protocol = GateWebSocketProtocol
     noisy = False
 
-    def __init__(self, sessions, max_frame, clock):
+    def __init__(self, sessions, max_frame, clock, max_outbuf=1 << 20):
         WebSocketServerFactory.__init__(self, server="mmogate")
         self.sessions = sessions
         self.clock = clock
+        self.max_outbuf = max_outbuf
         self.setProtocolOptions(maxMessagePayloadSize=max_frame,
                                 maxFramePayloadSize=max_frame,
                                 openHandshakeTimeout=10,

@@ -56,6 +56,8 @@ class FakeConnection:
         self.sent = []
         self.closed = False
         self.aborted = False
+        #: Set by a test to play a client that does not keep up.
+        self.paused = False
 
     def send(self, outgoing):
         self.sent.append(outgoing)

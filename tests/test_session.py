@@ -1000,3 +1000,66 @@ class WebSocketProtocolTests(SynchronousTestCase):
         protocol, transport, head, _ = self.open("/other")
         self.assertTrue(head.startswith(b"HTTP/1.1 404"), head)
         self.assertEqual(self.stack.sessions.sessions, {})
+
+
+class ReplayFlowTests(SynchronousTestCase):
+    """
+    A resume's mailbox is written as fast as the client reads it.
+    """
+
+    def setUp(self):
+        self.stack = Stack(session__max_outbuf=2048)
+        session, _, answer = self.stack.login("alice")
+        session.lost()
+        for i in range(10):
+            self.stack.push(["alice"], "note", {"n": i + 1})
+        self.token = answer["resume_token"]
+
+    def resume(self, paused_after):
+        """
+        Resume on a connection that reports itself full after
+        C{paused_after} messages.
+        """
+        session, connection = self.stack.connect()
+        send = connection.send
+
+        def send_then_fill(outgoing):
+            send(outgoing)
+            if len(connection.sent) == paused_after:
+                connection.paused = True
+
+        connection.send = send_then_fill
+        self.stack.send(session, t="resume", id=5, player_id="alice",
+                        resume_token=self.token, last_seq=0)
+        return session, connection
+
+    def test_replay_waits_for_the_client(self):
+        """
+        While the connection is full the replay stops, live pushes wait
+        behind it, and it goes on when the connection drains.
+        """
+        session, connection = self.resume(paused_after=4)
+        self.assertEqual(kinds(connection.messages),
+                         ["resp", "push", "push", "push"])
+        self.stack.push(["alice"], "note", "live")
+        self.assertEqual(len(connection.sent), 4)
+        connection.paused = False
+        session.writable()
+        seqs = [m["seq"] for m in connection.messages if m["t"] == "push"]
+        self.assertEqual(seqs, list(range(1, 12)))
+        self.assertEqual(connection.messages[-1]["data"], "live")
+
+    def test_live_pushes_held_too_long(self):
+        """
+        Live pushes held behind a replay the client does not read are
+        bounded by C{session.max_outbuf}: past it the session is kicked with
+        C{slow_consumer}, and the pushes stay in the mailbox.
+        """
+        session, connection = self.resume(paused_after=2)
+        for i in range(3):
+            self.stack.push(["alice"], "note", "x" * 1000)
+        self.assertEqual(connection.messages[-1]["t"], "kick")
+        self.assertEqual(connection.messages[-1]["reason"], "slow_consumer")
+        self.assertTrue(connection.closed)
+        self.assertEqual(self.successResultOf(
+            self.stack.mailboxes.size("alice")), 13)
