@@ -93,8 +93,9 @@ class HTTPBackend:
         return answer
 
     def _unreachable(self, failure, timer):
-        if timer.called or failure.check(TimeoutError, CancelledError,
-                                         *_UNREACHABLE):
+        if not timer.called and failure.check(*_UNREACHABLE):
+            # A slow answer says nothing of the backend as a whole (one
+            # route may be slow); only a failed connection marks it down.
             self.reachable = False
         if timer.called or failure.check(TimeoutError, CancelledError):
             raise GateError(errors.BACKEND_TIMEOUT,

@@ -91,8 +91,10 @@ SCHEMA = (
     Key("workers.min", int, 8, "Workers kept even when idle.", minimum=0),
     Key("workers.max", int, 256, "Most backend calls in flight at once.",
         minimum=1),
-    Key("workers.grow_queue", int, 16, "Queue length above which the pool "
-        "adds a worker.", minimum=0),
+    Key("workers.grow_queue", int, 0, "Queue length above which the pool "
+        "adds a worker (0: whenever a request would wait; more trades "
+        "latency for fewer workers, and lets slow calls hold others up).",
+        minimum=0),
     Key("workers.idle_timeout", float, 60.0, "Seconds an idle worker above "
         "workers.min lives.", minimum=0.001),
     Key("workers.max_queue", int, 10000, "Requests waiting for a worker; more "

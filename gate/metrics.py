@@ -5,9 +5,20 @@ Prometheus metrics of one gate, in a registry of its own so several gates
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gate import errors
+
 #: Distinct route labels kept before the rest are counted as 'other', so a
 #: client inventing route names cannot grow the metrics without bound.
 MAX_ROUTE_LABELS = 200
+
+#: Request outcomes kept as labels: success and the gate's own codes; any
+#: other code (a backend's) is counted as 'backend_code'.
+OUTCOMES = frozenset({"ok", errors.BAD_REQUEST, errors.NOT_AUTHENTICATED,
+                      errors.AUTH_FAILED, errors.RESUME_REJECTED,
+                      errors.RATE_LIMITED, errors.BUSY,
+                      errors.BACKEND_UNAVAILABLE, errors.BACKEND_TIMEOUT,
+                      errors.BACKEND_ERROR, errors.ROUTE_NOT_FOUND,
+                      errors.INTERNAL})
 
 
 class Metrics:
@@ -58,6 +69,9 @@ class Metrics:
     def request(self, route, outcome, seconds):
         children = self._request_children.get((route, outcome))
         if children is None:
+            if outcome not in OUTCOMES:
+                # A code of the backend's own: any string it likes.
+                outcome = "backend_code"
             label = route
             if route not in self._routes:
                 if len(self._routes) >= MAX_ROUTE_LABELS:

@@ -265,7 +265,9 @@ class GateService(MultiService):
         set_gate_id(self.gate_id)
         path = self.config["log.json_file"]
         if path:
-            stream = sys.stdout if path == "-" else open(path, "a")
+            # twistd replaces sys.stdout with a log writer: writing our lines
+            # there would log them again, forever.
+            stream = sys.__stdout__ if path == "-" else open(path, "a")
             self._json_log = (JSONLineObserver(stream, self.gate_id), stream)
             globalLogPublisher.addObserver(self._json_log[0])
         for listener in self.listeners.values():
@@ -330,6 +332,6 @@ class GateService(MultiService):
         if self._json_log is not None:
             observer, stream = self._json_log
             globalLogPublisher.removeObserver(observer)
-            if stream is not sys.stdout:
+            if stream is not sys.__stdout__:
                 stream.close()
         self.log.info("gate {gate_id} stopped", gate_id=self.gate_id)

@@ -33,7 +33,10 @@ class Session:
         self.connection = connection
         self.id = session_id
         self._clock = clock
-        self.player = None
+        self._player = None
+        #: The player this session was last bound to, kept for logs after
+        #: it is unbound.
+        self.last_player_id = None
         self.closed = False
         # Set once a kick or a protocol error was sent: nothing else goes
         # out, nothing more is read, the connection is closing.
@@ -61,8 +64,18 @@ class Session:
         return self.connection.peer
 
     @property
+    def player(self):
+        return self._player
+
+    @player.setter
+    def player(self, player):
+        self._player = player
+        if player is not None:
+            self.last_player_id = player.player_id
+
+    @property
     def player_id(self):
-        return self.player.player_id if self.player is not None else None
+        return self._player.player_id if self._player is not None else None
 
     # From the connection.
 
@@ -344,7 +357,8 @@ class SessionManager:
         if self._metrics is not None:
             self._metrics.session_closed(session.transport_name)
         self.log.debug("session {session_id} of player {player_id} closed",
-                       session_id=session.id, player_id=session.player_id)
+                       session_id=session.id,
+                       player_id=session.last_player_id)
         self.players.unbind(session)
         if not self.sessions and self._empty_waiters:
             waiters, self._empty_waiters = self._empty_waiters, []
@@ -356,7 +370,7 @@ class SessionManager:
             self._metrics.kicked(reason)
         self.log.info("session {session_id} of player {player_id} kicked: "
                       "{reason}", session_id=session.id,
-                      player_id=session.player_id, reason=reason)
+                      player_id=session.last_player_id, reason=reason)
 
     def bad_input(self, session, code):
         if self._metrics is not None:

@@ -310,7 +310,9 @@ class HTTPBackendTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.failureResultOf(d, GateError).value.code,
                          errors.BACKEND_TIMEOUT)
-        self.assertIs(self.backend.reachable, False)
+        # A slow answer does not take the gate out of rotation (/ready):
+        # one route may be slow while the backend is up.
+        self.assertIsNone(self.backend.reachable)
 
     def test_timeout_fake_http(self):
         http = FakeHTTP(Deferred)
