@@ -31,7 +31,15 @@ _UNREACHABLE = (neterror.ConnectError, neterror.DNSLookupError,
 class BackendStatusError(Exception):
     """
     A lifecycle event or registration got a non-2xx answer.
+
+    @ivar retryable: whether trying again may help (5xx, 408, 429, or an
+        unexpected 1xx/3xx); a 4xx otherwise says the body is refused.
     """
+
+    def __init__(self, status):
+        Exception.__init__(self, f"backend answered HTTP {status}")
+        self.status = status
+        self.retryable = not (400 <= status < 500) or status in (408, 429)
 
 
 @implementer(IBackendClient)
@@ -155,7 +163,7 @@ class HTTPBackend:
 def _expect_2xx(answer):
     code, content = answer
     if not 200 <= code < 300:
-        raise BackendStatusError(f"backend answered HTTP {code}")
+        raise BackendStatusError(code)
     return None
 
 

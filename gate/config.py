@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import tomllib
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 
 
@@ -171,6 +172,20 @@ class Config:
         return dict(self._values)
 
 
+def _check_endpoint(name, description):
+    """
+    Parse a server endpoint string without listening, so that a typo stops
+    start-up naming its key (TLS endpoints also load their files here).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        raise ConfigError(f"{name}: not a usable endpoint {description!r}: "
+                          f"{e}")
+
+
 def from_mapping(table, *, from_file=True):
     """
     Check a (possibly nested) mapping of settings and fill in defaults.
@@ -209,6 +224,15 @@ def from_mapping(table, *, from_file=True):
         raise ConfigError("workers.max: must be at least workers.min")
     if not values["listen.api"]:
         raise ConfigError("listen.api: the push API listener cannot be disabled")
+    url = values["backend.url"]
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"backend.url: must be an http:// or https:// "
+                              f"URL with a host, got {url!r}")
+    for name in ("listen.tcp", "listen.ws", "listen.api", "listen.metrics"):
+        if values[name]:
+            _check_endpoint(name, values[name])
     return Config(values)
 
 

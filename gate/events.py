@@ -2,11 +2,13 @@
 Lifecycle events to the backend (C{online}, C{offline}, C{expired}),
 delivered at least once.
 
-Events wait in a bounded queue and are sent a few at a time; a failed one
-goes back to the front and sending pauses with exponential backoff, so a
+Events wait in a bounded queue and are sent a few at a time, one at a time
+per player so that a player's events arrive in order. A failed one goes
+back to the front and sending pauses with exponential backoff, so a
 backend that is away for a while gets every event (up to
 C{backend.events_max}, beyond which the oldest are dropped and counted)
-once it returns.
+once it returns. An event the backend refuses for good (a 4xx other than
+408 and 429) is dropped and logged rather than retried forever.
 """
 
 import random
@@ -14,6 +16,8 @@ from collections import deque
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+
+from gate.backend import BackendStatusError
 
 
 class EventSender:
@@ -24,6 +28,8 @@ class EventSender:
 
     log = Logger()
     concurrency = 16
+    #: How far down the queue to look for a player with nothing in flight.
+    scan = 256
     first_retry = 0.5
 
     def __init__(self, clock, backend, gate_id, max_backlog, retry_max,
@@ -36,6 +42,7 @@ class EventSender:
         self._metrics = metrics
         self._random = random
         self._queue = deque()
+        self._busy = set()
         self._in_flight = 0
         self._delay = 0.0
         self._retry_call = None
@@ -62,15 +69,29 @@ class EventSender:
         self._pump()
 
     def _pump(self):
-        while (self._queue and self._in_flight < self.concurrency
+        queue = self._queue
+        busy = self._busy
+        i = 0
+        # Events of one player go one at a time, in order; others pass them.
+        # The scan is bounded: a long run of one busy player just waits.
+        while (i < len(queue) and i < self.scan
+               and self._in_flight < self.concurrency
                and self._retry_call is None):
-            body = self._queue.popleft()
+            body = queue[i]
+            player_id = body["player_id"]
+            if player_id in busy:
+                i += 1
+                continue
+            del queue[i]
+            busy.add(player_id)
             self._in_flight += 1
             d = self._backend.event(body)
-            d.addCallbacks(self._sent, self._failed, errbackArgs=(body,))
+            d.addCallbacks(self._sent, self._failed, callbackArgs=(body,),
+                           errbackArgs=(body,))
 
-    def _sent(self, _):
+    def _sent(self, _, body):
         self._in_flight -= 1
+        self._busy.discard(body["player_id"])
         self._delay = 0.0
         if self._metrics is not None:
             self._metrics.event("sent")
@@ -79,6 +100,20 @@ class EventSender:
 
     def _failed(self, failure, body):
         self._in_flight -= 1
+        self._busy.discard(body["player_id"])
+        if failure.check(BackendStatusError) and not failure.value.retryable:
+            # The backend refuses this event for good (a 4xx): retrying
+            # would hold up every event behind it forever.
+            if self._metrics is not None:
+                self._metrics.event("rejected")
+            self.log.error("backend rejected lifecycle event {event} for "
+                           "{player_id}: {why}; dropped", event=body["event"],
+                           player_id=body["player_id"],
+                           why=failure.getErrorMessage())
+            self._pump()
+            self._check_idle()
+            return
+        # Back in front: it was the oldest pending event of its player.
         self._queue.appendleft(body)
         if self._metrics is not None:
             self._metrics.event("retried")

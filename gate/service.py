@@ -35,6 +35,12 @@ from gate.workers import WorkerPool
 REFERENCE_BACKEND_ENDPOINT = "tcp:0:interface=127.0.0.1"
 
 
+class ListenError(Exception):
+    """
+    A listener cannot start; the message names its key and the reason.
+    """
+
+
 class Listener(Service):
     """
     One server endpoint, bound in C{privilegedStartService} so that twistd
@@ -55,15 +61,21 @@ class Listener(Service):
         Service.privilegedStartService(self)
         if self.port is not None:
             return
-        endpoint = serverFromString(self._reactor, self.description)
+        try:
+            endpoint = serverFromString(self._reactor, self.description)
+        except Exception as e:
+            raise ListenError(f"listen.{self.name}: bad endpoint "
+                              f"{self.description!r}: {e}")
         d = endpoint.listen(self.factory)
         failures = []
         d.addCallbacks(self._bound, failures.append)
         if failures:
-            failures[0].raiseException()
+            raise ListenError(f"listen.{self.name}: cannot listen on "
+                              f"{self.description!r}: "
+                              f"{failures[0].getErrorMessage()}")
         if self.port is None:
-            raise RuntimeError(f"listen.{self.name}: endpoint "
-                               f"{self.description!r} did not bind at once")
+            raise ListenError(f"listen.{self.name}: endpoint "
+                              f"{self.description!r} did not bind at once")
 
     def _bound(self, port):
         self.port = port

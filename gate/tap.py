@@ -5,7 +5,7 @@ C{twistd mmogate}: options and wiring. Tests: C{tests/test_tap.py}.
 import signal
 import sys
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
 from gate.config import SCHEMA, ConfigError, load
@@ -26,6 +26,24 @@ def keys_table():
         lines.append(f"{key.name} ({key.type.__name__}, {default})\n"
                      f"    {key.doc}")
     return "\n".join(lines)
+
+
+def keys_markdown():
+    """
+    The configuration reference table of README.md.
+    """
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key in SCHEMA:
+        if key.required:
+            default = ("required in a file (generated without one; "
+                       "`api.key` is `dev-api-key`)")
+        elif key.default in (None, "", []):
+            default = "unset"
+        else:
+            default = "`" + repr(key.default).replace("'", '"') + "`"
+        rows.append(f"| `{key.name}` | {key.type.__name__} | {default} | "
+                    f"{key.doc} |")
+    return "\n".join(rows)
 
 
 class Options(usage.Options):
@@ -76,10 +94,26 @@ class SigtermIsAStop(Service):
         self._reactor.callFromThread(self._reactor.stop)
 
 
+class OneLineErrors(MultiService):
+    """
+    Turns a listener that cannot bind into one line and exit status 1,
+    instead of twistd's traceback.
+    """
+
+    def privilegedStartService(self):
+        from gate.service import ListenError
+        try:
+            MultiService.privilegedStartService(self)
+        except ListenError as e:
+            raise SystemExit(f"mmogate: {e}")
+
+
 def makeService(options):
     from twisted.internet import reactor
 
     from gate.service import GateService
+    top = OneLineErrors()
     gate = GateService(options.gate_config, reactor)
-    SigtermIsAStop(reactor).setServiceParent(gate)
-    return gate
+    gate.setServiceParent(top)
+    SigtermIsAStop(reactor).setServiceParent(top)
+    return top

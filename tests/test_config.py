@@ -293,3 +293,18 @@ class LoadTests(SynchronousTestCase):
         os.makedirs(path)
         e = self.assertRaises(ConfigError, load, path)
         self.assertIn("cannot read", str(e))
+
+
+class EndpointAndURLTests(SynchronousTestCase):
+    def test_bad_endpoint(self):
+        e = self.assertRaises(ConfigError, from_mapping,
+                              table(listen={"tcp": "tcp:bogus"}))
+        self.assertTrue(str(e).startswith("listen.tcp:"), str(e))
+
+    def test_bad_backend_url(self):
+        for url in ("127.0.0.1:8000", "ftp://x/", "http://"):
+            e = self.assertRaises(ConfigError, from_mapping,
+                                  table(backend={"url": url}))
+            self.assertTrue(str(e).startswith("backend.url:"), str(e))
+        config = from_mapping(table(backend={"url": "https://b.example:8443/g"}))
+        self.assertEqual(config["backend.url"], "https://b.example:8443/g")

@@ -102,9 +102,8 @@ class ClientLibraryTests(TestCase):
         client, _, states = await self.client(gate, "tcp", "carol")
         await within(gate.stopService(), TIMEOUT, "the gate to stop")
         second = start_gate(self, listen={"tcp": f"tcp:{port}:interface={host}"})
-        await until(lambda: second.players.get("carol") is not None
-                    and second.players.get("carol").session is not None,
-                    "carol on the new gate")
+        await until(lambda: "resume_failed" in states
+                    and states[-1] == "logged_in",
+                    "carol logged in on the new gate")
+        self.assertIsNotNone(second.players.get("carol").session)
         self.assertEqual(await client.request("echo", 7), 7)
-        self.assertIn("resume_failed", states)
-        self.assertEqual(states[-1], "logged_in")

@@ -207,3 +207,71 @@ class EventSenderTests(SynchronousTestCase):
         sender.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(sender.pending, 1)
+
+
+class OrderAndRejectionTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.backend = FakeBackend()
+        self.sender = EventSender(self.clock, self.backend, "g1", 100, 8.0,
+                                  random=lambda: 1.0)
+
+    def attempts(self):
+        return [(p.args[0]["event"], p.args[0]["player_id"])
+                for p in self.backend.events]
+
+    def test_one_event_in_flight_per_player(self):
+        """
+        A player's events go one at a time, in order; other players' events
+        pass them meanwhile.
+        """
+        self.backend.event_outcomes = ["pending"] * 4
+        self.sender.emit("online", "alice", "s1")
+        self.sender.emit("offline", "alice", "s1")
+        self.sender.emit("online", "bob", "s2")
+        self.sender.emit("online", "alice", "s3")
+        self.assertEqual(self.attempts(),
+                         [("online", "alice"), ("online", "bob")])
+        self.backend.events[0].d.callback(None)
+        self.assertEqual(self.attempts()[2:], [("offline", "alice")])
+        self.backend.events[2].d.callback(None)
+        self.assertEqual(self.attempts()[3:], [("online", "alice")])
+
+    def test_failed_event_keeps_its_place(self):
+        """
+        An event that failed is retried before the later events of its
+        player.
+        """
+        self.backend.event_outcomes = [Unreachable()]
+        self.sender.emit("online", "alice", "s1")
+        self.sender.emit("offline", "alice", "s1")
+        self.clock.advance(0.5)
+        self.assertEqual(self.attempts(), [("online", "alice"),
+                                           ("online", "alice"),
+                                           ("offline", "alice")])
+        self.assertEqual(self.sender.pending, 0)
+
+    def test_rejected_event_dropped(self):
+        """
+        An event the backend refuses for good (400) is dropped and logged,
+        and does not hold up the events behind it; a 503 or 429 is retried.
+        """
+        from gate.backend import BackendStatusError
+        metrics = Metrics("g1")
+        sender = EventSender(self.clock, self.backend, "g1", 100, 8.0,
+                             metrics=metrics, random=lambda: 1.0)
+        self.backend.event_outcomes = [BackendStatusError(400), None,
+                                       BackendStatusError(503),
+                                       BackendStatusError(429)]
+        sender.emit("online", "alice", "s1")
+        sender.emit("offline", "alice", "s1")
+        self.assertEqual(self.attempts(), [("online", "alice"),
+                                           ("offline", "alice")])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        self.assertEqual(metrics.registry.get_sample_value(
+            "mmogate_lifecycle_events_total", {"outcome": "rejected"}), 1)
+        sender.emit("online", "bob", "s2")
+        self.clock.advance(0.5)
+        self.clock.advance(1.0)
+        self.assertEqual(self.attempts()[2:], [("online", "bob")] * 3)
+        self.assertEqual(sender.pending, 0)

@@ -3,6 +3,7 @@ Tests for L{gate.tap}: C{twistd mmogate} options (PROTOCOL.md section 7).
 """
 
 import io
+import os
 import sys
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -96,12 +97,66 @@ class OptionsTests(SynchronousTestCase):
 
     def test_make_service(self):
         options = self.parse("--config", self.write(GOOD))
-        service = makeService(options)
-        self.addCleanup(service.pool.stop)
+        top = makeService(options)
         from gate.service import GateService
+        from gate.tap import SigtermIsAStop
+        service, sigterm = list(top)
+        self.addCleanup(service.pool.stop)
         self.assertIsInstance(service, GateService)
+        self.assertIsInstance(sigterm, SigtermIsAStop)
         self.assertEqual(service.gate_id, "g9")
         self.assertIsNone(service.reference)
         self.assertEqual(sorted(service.listeners),
                          ["api", "metrics", "tcp", "ws"])
         self.assertFalse(service.running)
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_config_table_current(self):
+        """
+        README.md's configuration table is the one the schema makes: every
+        key, with its type and default.
+        """
+        import os
+
+        from gate.tap import keys_markdown
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        self.assertIn(keys_markdown(), readme,
+                      "README.md is stale: paste gate.tap.keys_markdown()")
+
+
+class StartErrorTests(SynchronousTestCase):
+    def test_port_in_use_one_line(self):
+        """
+        A listener that cannot bind stops twistd with one line naming the
+        key, not a traceback.
+        """
+        import socket
+        import tempfile
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        path = tempfile.mktemp(suffix=".toml")
+        with open(path, "w") as f:
+            f.write('[api]\nkey = "k"\n[auth]\nsecret = "' + "s" * 32
+                    + '"\n[listen]\ntcp = "tcp:%d:interface=127.0.0.1"\n'
+                    'ws = ""\napi = "tcp:0:interface=127.0.0.1"\n'
+                    'metrics = ""\n[backend]\nurl = "http://127.0.0.1:9"\n'
+                    % (port,))
+        self.addCleanup(os.remove, path)
+        options = Options()
+        options.parseOptions(["--config", path])
+        top = makeService(options)
+        e = self.assertRaises(SystemExit, top.privilegedStartService)
+        self.assertTrue(str(e.code).startswith("mmogate: listen.tcp: cannot "
+                                               "listen on"), e.code)
+        self.assertNotIn("\n", str(e.code))
+        gate = list(top)[0]
+        for listener in gate.listeners.values():
+            if listener.port is not None:
+                listener.port.stopListening()
+        gate.pool.stop()
