@@ -65,6 +65,18 @@ class OutputFlow:
         self.paused = False
         self.queued = 0
         self.overflowed = False
+        transport.registerProducer(self, True)
+
+    def detach(self):
+        """
+        Before closing: a transport with a producer registered does not
+        close, and one that stopped reading would not notice the client
+        leaving.
+        """
+        self._transport.unregisterProducer()
+        if self.paused:
+            self.paused = False
+            self._transport.resumeProducing()
 
     def wrote(self, size):
         if not self.paused:

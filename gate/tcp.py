@@ -24,7 +24,6 @@ class GateTCPProtocol(Protocol):
         self._flow = OutputFlow(self.transport, self.factory.max_outbuf,
                                 self.session.slow_consumer,
                                 self.session.writable)
-        self.transport.registerProducer(self._flow, True)
 
     def dataReceived(self, data):
         session = self.session
@@ -60,12 +59,7 @@ class GateTCPProtocol(Protocol):
         self._flow.wrote(len(data))
 
     def close(self):
-        # A transport with a producer registered does not close; and one
-        # that stopped reading would not notice the client leaving.
-        self.transport.unregisterProducer()
-        if self._flow.paused:
-            self._flow.stopProducing()
-            self.transport.resumeProducing()
+        self._flow.detach()
         self.transport.loseConnection()
         self._closer.start(self.transport)
 

@@ -32,7 +32,6 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self._flow = OutputFlow(self.transport, self.factory.max_outbuf,
                                 self.session.slow_consumer,
                                 self.session.writable)
-        self.transport.registerProducer(self._flow, True)
 
     def onMessage(self, payload, isBinary):
         session = self.session
@@ -65,7 +64,7 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self.wasClean = False
         self.wasNotCleanReason = reason
         self.session.frame_too_large(msg_size, max_msg_size)
-        self.transport.unregisterProducer()
+        self._flow.detach()
         self.dropConnection(abort=False)
         self._closer.start(self.transport)
 
@@ -91,12 +90,7 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self._flow.wrote(len(prepared.payloadHybi))
 
     def close(self):
-        # A transport with a producer registered does not close; and one
-        # that stopped reading would not notice the client leaving.
-        self.transport.unregisterProducer()
-        if self._flow.paused:
-            self._flow.stopProducing()
-            self.transport.resumeProducing()
+        self._flow.detach()
         if self.state == self.STATE_OPEN:
             self.sendClose(1000)
         self._closer.start(self.transport)
