@@ -4,6 +4,7 @@ session, who is offline and for how long, and where a push for a player
 goes (its session or its mailbox).
 """
 
+import secrets
 from collections import namedtuple
 
 from twisted.internet.defer import DeferredLock, gatherResults, succeed
@@ -25,11 +26,15 @@ class Player:
     """
 
     __slots__ = ("player_id", "session", "since", "expiry", "lock",
-                 "ever_bound")
+                 "ever_bound", "epoch")
 
     def __init__(self, player_id, now):
         self.player_id = player_id
         self.ever_bound = False
+        #: Names this incarnation of the player: resume tokens carry it, so
+        #: a token from before the player expired cannot resume the new one
+        #: (whose seqs started over).
+        self.epoch = secrets.token_hex(8)
         self.session = None
         self.since = now
         self.expiry = None

@@ -411,12 +411,17 @@ class SessionManager:
     def _resume(self, session, env):
         player_id = env["player_id"]
         try:
-            self.tokens.check_resume_token(env["resume_token"], player_id)
+            claims = self.tokens.check_resume_token(env["resume_token"],
+                                                    player_id)
         except TokenError as e:
             raise GateError(errors.RESUME_REJECTED, f"resume token rejected: {e}")
-        if self.players.get(player_id) is None:
+        player = self.players.get(player_id)
+        if player is None:
             raise GateError(errors.RESUME_REJECTED,
                             "no such player here (expired or never seen)")
+        if claims.get("ep") != player.epoch:
+            raise GateError(errors.RESUME_REJECTED,
+                            "the player expired since this token was issued")
         return self._bind(session, env.id, player_id, None,
                           replay_after=env["last_seq"])
 
@@ -433,10 +438,15 @@ class SessionManager:
             if player is None:
                 return (None, [])
             last = mailboxes.last_seq(player_id)
-            last.addCallback(lambda last_seq: session.send(envelope.resp(
-                rid, data, player_id=player_id,
-                resume_token=self.tokens.resume_token(player_id),
-                last_seq=last_seq)))
+
+            def answer(last_seq):
+                session.send(envelope.resp(
+                    rid, data, player_id=player_id,
+                    resume_token=self.tokens.resume_token(player_id,
+                                                          player.epoch),
+                    last_seq=last_seq))
+
+            last.addCallback(answer)
             if replay_after is None:
                 return last.addCallback(lambda _: (None, []))
             return last.addCallback(

@@ -66,14 +66,19 @@ class Tokens:
             raise TokenError("a resume token is not an auth token")
         return self._player(claims)
 
-    def resume_token(self, player_id):
+    def resume_token(self, player_id, epoch=None):
         """
         A token that lets C{player_id} resume within C{auth.resume_ttl}.
+
+        @param epoch: the player's incarnation (L{gate.player.Player.epoch}),
+            checked on resume.
         """
         now = self._now()
-        return jwt.encode({"sub": player_id, "aud": RESUME_AUDIENCE,
-                           "iat": int(now), "exp": int(now + self._resume_ttl)},
-                          self._key, algorithm="HS256")
+        claims = {"sub": player_id, "aud": RESUME_AUDIENCE,
+                  "iat": int(now), "exp": int(now + self._resume_ttl)}
+        if epoch is not None:
+            claims["ep"] = epoch
+        return jwt.encode(claims, self._key, algorithm="HS256")
 
     def check_resume_token(self, token, player_id):
         """

@@ -703,9 +703,27 @@ class ReconnectTests(SynchronousTestCase):
         h.push(1)
         h.gate.lose()
         h.clock.advance(30)
-        self.assertEqual(h.bind(token="rt-2")["last_seq"], 1)
+        self.assertEqual(h.bind(token="rt-2", last_seq=1)["last_seq"], 1)
         h.clock.advance(connection.ACK_DELAY)
         self.assertEqual(h.gate.received(), [{"t": "ack", "seq": 1}])
+
+    def test_resume_into_a_new_incarnation(self):
+        """
+        A resume answered with a C{last_seq} below what the application was
+        handed means the player began again at the gate: the client starts
+        a new stream (state C{logged_in}) instead of hiding the new pushes
+        as duplicates.
+        """
+        h = self.h
+        for seq in (1, 2, 3):
+            h.push(seq)
+        h.gate.lose()
+        h.clock.advance(30)
+        h.bind(token="rt-2", last_seq=1)
+        self.assertEqual(h.state_names()[-1], "logged_in")
+        self.assertEqual(h.client.last_seq, 0)
+        h.push(2)
+        self.assertEqual([p.seq for p in h.pushes][-1], 2)
 
     def test_backoff(self):
         """

@@ -447,6 +447,26 @@ class ResumeTests(SynchronousTestCase):
         self.assertEqual(connection.messages[0]["code"], errors.RESUME_REJECTED)
 
 
+    def test_resume_token_of_earlier_incarnation_rejected(self):
+        """
+        A resume token issued before the player expired does not resume the
+        player created again since (whose seqs started over): the client
+        must log in afresh rather than miss pushes numbered anew.
+        """
+        stack = Stack(player__idle_timeout=100)
+        token = self.offline_with_pushes(stack, 3)
+        stack.clock.advance(100)
+        session, _, answer = stack.login("alice")
+        stack.push(["alice"], "note", "new")
+        _, connection = self.resume(stack, token, 3)
+        self.assertEqual(connection.messages[0]["code"], errors.RESUME_REJECTED)
+        self.assertIs(stack.players.get("alice").session, session)
+        # The new incarnation's own token resumes.
+        session.lost()
+        _, connection = self.resume(stack, answer["resume_token"], 0)
+        self.assertEqual(kinds(connection.messages), ["resp", "push"])
+
+
 class ResumeRaceTests(SynchronousTestCase):
     """
     A push that arrives while a resume replays the mailbox, with a store

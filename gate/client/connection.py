@@ -444,6 +444,12 @@ class GateClient:
         # Without a token a later reconnect can only log in again.
         self._resume_token = token if isinstance(token, str) and token else None
         fresh = link.bind_kind != "resume"
+        last = resp.get("last_seq")
+        if not fresh and _is_int(last) and last < self._last_seq:
+            # The gate has numbered fewer pushes than we handled: the player
+            # expired and began again there. Our high-water mark would hide
+            # its new pushes, so this is a new stream, as after a login.
+            fresh = True
         if fresh:
             # A fresh login starts a new delivery stream: the gate replays
             # nothing on it, and the player's seqs may have restarted if it
