@@ -57,12 +57,15 @@ class OutputFlow:
     acked, so the client loses none of them by being kicked.
     """
 
-    def __init__(self, transport, limit, overflow, drained):
+    def __init__(self, transport, limit, overflow, drained,
+                 keep_reading=lambda: False):
         self._transport = transport
         self.limit = limit
         self._overflow = overflow
         self._drained = drained
+        self._keep_reading = keep_reading
         self.paused = False
+        self.reading_paused = False
         self.queued = 0
         self.overflowed = False
         transport.registerProducer(self, True)
@@ -74,8 +77,9 @@ class OutputFlow:
         leaving.
         """
         self._transport.unregisterProducer()
-        if self.paused:
-            self.paused = False
+        self.paused = False
+        if self.reading_paused:
+            self.reading_paused = False
             self._transport.resumeProducing()
 
     def wrote(self, size):
@@ -93,12 +97,18 @@ class OutputFlow:
             return
         self.paused = True
         self.queued = 0
-        self._transport.pauseProducing()
+        if not self._keep_reading():
+            # While the gate itself fills the buffer (a resume's replay) the
+            # client is reading it, and must still be heard (pings, acks).
+            self.reading_paused = True
+            self._transport.pauseProducing()
 
     def resumeProducing(self):
         self.paused = False
         self.queued = 0
-        self._transport.resumeProducing()
+        if self.reading_paused:
+            self.reading_paused = False
+            self._transport.resumeProducing()
         self._drained()
 
     def stopProducing(self):

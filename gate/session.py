@@ -187,6 +187,13 @@ class Session:
             self.delivered_seq = seq
         self.connection.send(outgoing)
 
+    @property
+    def replaying(self):
+        """
+        Whether a resume's mailbox is being written.
+        """
+        return self._replay is not None
+
     def switch_player(self):
         """
         The session is about to be bound to another player.

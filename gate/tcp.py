@@ -23,7 +23,8 @@ class GateTCPProtocol(Protocol):
         self.session = self.factory.sessions.open(self)
         self._flow = OutputFlow(self.transport, self.factory.max_outbuf,
                                 self.session.slow_consumer,
-                                self.session.writable)
+                                self.session.writable,
+                                lambda: self.session.replaying)
 
     def dataReceived(self, data):
         session = self.session

@@ -31,7 +31,8 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self.session = self.factory.sessions.open(self)
         self._flow = OutputFlow(self.transport, self.factory.max_outbuf,
                                 self.session.slow_consumer,
-                                self.session.writable)
+                                self.session.writable,
+                                lambda: self.session.replaying)
 
     def onMessage(self, payload, isBinary):
         session = self.session

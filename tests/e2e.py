@@ -283,14 +283,15 @@ class TCPClient(Protocol, ClientMixin):
         self._buffer = b""
 
     def dataReceived(self, data):
-        self._buffer += data
-        while len(self._buffer) >= 4:
-            (size,) = struct.unpack(">I", self._buffer[:4])
-            if len(self._buffer) < 4 + size:
+        buffer = self._buffer = self._buffer + data
+        offset = 0
+        while len(buffer) - offset >= 4:
+            (size,) = struct.unpack_from(">I", buffer, offset)
+            if len(buffer) - offset < 4 + size:
                 break
-            payload = self._buffer[4:4 + size]
-            self._buffer = self._buffer[4 + size:]
-            self._got(payload)
+            self._got(buffer[offset + 4:offset + 4 + size])
+            offset += 4 + size
+        self._buffer = buffer[offset:]
 
     def connectionLost(self, reason):
         self._gone()

@@ -154,3 +154,39 @@ def gate_buffered(transport):
     """
     return (len(transport.dataBuffer) - transport.offset
             + transport._tempDataLen)
+
+
+class ReplayTests(TestCase):
+    async def test_client_heard_during_long_replay(self):
+        """
+        While a long mailbox is replayed to a client that reads it, the
+        gate still reads from that client: a ping sent after the first
+        replayed push is answered before the replay ends.
+        """
+        gate = start_gate(self, player={"mailbox_max": 100000})
+        api = HTTP(self, gate)
+        first = await connect_tcp(self, gate)
+        login = await first.login("alice")
+        await first.abort()
+        body = {"players": ["alice"], "route": "blob", "data": "x" * 2000}
+        for _ in range(5):
+            code, answer, _ = await api.post("/v1/batch",
+                                              {"ops": [body] * 100})
+            self.assertEqual(code, 200, answer)
+        client = await connect_tcp(self, gate)
+        client.send({"t": "resume", "id": 1, "player_id": "alice",
+                     "resume_token": login["resume_token"], "last_seq": 0})
+        self.assertEqual((await client.next())["t"], "resp")
+        self.assertEqual((await client.next())["seq"], 1)
+        client.send({"t": "ping", "ts": "during"})
+        seqs = []
+        pong_after = None
+        while len(seqs) < 499:
+            env = await client.next()
+            if env["t"] == "pong":
+                pong_after = len(seqs)
+            else:
+                seqs.append(env["seq"])
+        self.assertEqual(seqs, list(range(2, 501)))
+        self.assertIsNotNone(pong_after, "no pong during the replay")
+        self.assertLess(pong_after, 499)
