@@ -12,7 +12,9 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web._newclient import ResponseNeverReceived
 from zope.interface import implementer
 
@@ -26,6 +28,21 @@ from gate.interfaces import IBackendClient
 _UNREACHABLE = (neterror.ConnectError, neterror.DNSLookupError,
                 neterror.ConnectionLost, neterror.ConnectionDone,
                 ResponseFailed, ResponseNeverReceived)
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit):
+        Exception.__init__(self, f"the backend's answer is over "
+                                 f"backend.max_body ({limit} bytes)")
+
+
+class _Discard(Protocol):
+    """
+    Takes a response body nobody will read, closing its connection.
+    """
+
+    def connectionMade(self):
+        self.transport.stopProducing()
 
 
 class BackendStatusError(Exception):
@@ -52,8 +69,9 @@ class HTTPBackend:
     """
 
     def __init__(self, reactor, url, gate_id, timeout, secret="",
-                 max_connections=256, http=None):
+                 max_connections=256, http=None, max_body=4 << 20):
         self._clock = reactor
+        self.max_body = max_body
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._secret = secret.encode("utf-8") if secret else None
@@ -79,8 +97,7 @@ class HTTPBackend:
                 sign(self._secret, data).encode("ascii")]
         d = self._http.post(self.url + path, data=data, headers=headers,
                             allow_redirects=False)
-        d.addCallback(lambda response: treq.content(response).addCallback(
-            lambda content: (response.code, content)))
+        d.addCallback(self._read)
         # One deadline over connect, headers and body. Cancelling an Agent
         # request fails it with ResponseNeverReceived, not CancelledError, so
         # whether the deadline passed is read off the timer itself.
@@ -96,6 +113,28 @@ class HTTPBackend:
                        errbackArgs=(timer,))
         return d
 
+    def _read(self, response):
+        """
+        The answer's C{(status, body)}, refusing a body over
+        C{backend.max_body} before it is all in memory.
+        """
+        limit = self.max_body
+        if response.length is not UNKNOWN_LENGTH and response.length > limit:
+            # Read nothing of it: the connection is closed unused.
+            response.deliverBody(_Discard())
+            raise BodyTooLarge(limit)
+        chunks = []
+        size = [0]
+
+        def collect(data):
+            size[0] += len(data)
+            if size[0] > limit:
+                raise BodyTooLarge(limit)
+            chunks.append(data)
+
+        d = treq.collect(response, collect)
+        return d.addCallback(lambda _: (response.code, b"".join(chunks)))
+
     def _answered(self, answer):
         self.reachable = True
         return answer
@@ -105,6 +144,8 @@ class HTTPBackend:
             # A slow answer says nothing of the backend as a whole (one
             # route may be slow); only a failed connection marks it down.
             self.reachable = False
+        if failure.check(BodyTooLarge):
+            raise GateError(errors.BACKEND_ERROR, str(failure.value))
         if timer.called or failure.check(TimeoutError, CancelledError):
             raise GateError(errors.BACKEND_TIMEOUT,
                             f"the backend did not answer within "

@@ -63,6 +63,8 @@ SCHEMA = (
         "registrations (0 turns them off).", minimum=0),
     Key("backend.max_connections", int, 256, "Persistent HTTP connections kept "
         "to the backend.", minimum=1),
+    Key("backend.max_body", int, 4194304, "Largest backend answer in bytes; "
+        "a larger one is backend_error.", minimum=1024),
     Key("backend.events_max", int, 100000, "Lifecycle events kept for delivery "
         "while the backend is away; the oldest are dropped beyond it.", minimum=1),
     Key("backend.events_retry_max", float, 60.0, "Longest backoff between "
@@ -227,6 +229,10 @@ def from_mapping(table, *, from_file=True):
     url = values["backend.url"]
     if url:
         parts = urlsplit(url)
+        try:
+            parts.port
+        except ValueError as e:
+            raise ConfigError(f"backend.url: {e} in {url!r}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"backend.url: must be an http:// or https:// "
                               f"URL with a host, got {url!r}")

@@ -73,7 +73,10 @@ class Metrics:
                 # A code of the backend's own: any string it likes.
                 outcome = "backend_code"
             label = route
-            if route not in self._routes:
+            if outcome == errors.ROUTE_NOT_FOUND:
+                # Invented routes must not use up the labels of real ones.
+                label = "unknown_route"
+            elif route not in self._routes:
                 if len(self._routes) >= MAX_ROUTE_LABELS:
                     label = "other"
                 else:

@@ -172,7 +172,8 @@ class GateService(MultiService):
             backend = HTTPBackend(reactor, config["backend.url"], self.gate_id,
                                   config["backend.timeout"],
                                   config["backend.secret"],
-                                  config["backend.max_connections"])
+                                  config["backend.max_connections"],
+                                  max_body=config["backend.max_body"])
             if not config["backend.url"]:
                 self._add_reference_backend()
         self.backend = backend

@@ -14,11 +14,25 @@ from gate.interfaces import IClientConnection
 
 WS_PATH = "/ws"
 
+#: Largest WebSocket opening handshake (request line and headers) accepted.
+MAX_HANDSHAKE = 16384
+
 
 @implementer(IClientConnection)
 class GateWebSocketProtocol(WebSocketServerProtocol):
     transport_name = "ws"
     session = None
+
+    def dataReceived(self, data):
+        # autobahn buffers the opening handshake without a limit and
+        # searches all of it on every read: cap it, as any HTTP server
+        # caps its request head.
+        if self.state == self.STATE_CONNECTING and \
+                len(self.data) + len(data) > MAX_HANDSHAKE:
+            self.factory.sessions.bad_input(None, "handshake_too_large")
+            self.transport.abortConnection()
+            return
+        WebSocketServerProtocol.dataReceived(self, data)
 
     def onConnect(self, request):
         if request.path != WS_PATH:

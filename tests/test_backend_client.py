@@ -366,3 +366,35 @@ class HTTPBackendTests(SynchronousTestCase):
         self.successResultOf(self.backend.close())
         backend = HTTPBackend(MemoryReactorClock(), "http://b", "g", 1.0)
         self.successResultOf(backend.close())
+
+
+class BodyLimitTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.resource = RecordingBackend()
+        self.stub = StubTreq(self.resource)
+        self.backend = HTTPBackend(self.clock, "http://backend.test/", "g",
+                                   timeout=5.0, http=self.stub,
+                                   max_body=2048)
+
+    def call(self):
+        d = self.backend.call("s", "p", 1, "big", None)
+        self.stub.flush()
+        return d
+
+    def test_over_limit(self):
+        """
+        An answer over C{backend.max_body} is C{backend_error}: a backend
+        cannot make the gate hold an answer of any size.
+        """
+        body = b'{"data": "' + b"x" * 4096 + b'"}'
+        self.resource.answers[b"/rpc/big"] = (200, body)
+        e = self.failureResultOf(self.call(), GateError).value
+        self.assertEqual(e.code, errors.BACKEND_ERROR)
+        self.assertIn("max_body", e.msg)
+
+    def test_at_limit(self):
+        body = b'{"data": "' + b"x" * (2048 - 12) + b'"}'
+        self.assertEqual(len(body), 2048)
+        self.resource.answers[b"/rpc/big"] = (200, body)
+        self.assertEqual(self.successResultOf(self.call()), "x" * 2036)

@@ -302,7 +302,8 @@ class EndpointAndURLTests(SynchronousTestCase):
         self.assertTrue(str(e).startswith("listen.tcp:"), str(e))
 
     def test_bad_backend_url(self):
-        for url in ("127.0.0.1:8000", "ftp://x/", "http://"):
+        for url in ("127.0.0.1:8000", "ftp://x/", "http://",
+                    "http://127.0.0.1:99999"):
             e = self.assertRaises(ConfigError, from_mapping,
                                   table(backend={"url": url}))
             self.assertTrue(str(e).startswith("backend.url:"), str(e))

@@ -7,6 +7,8 @@ client. Through real sockets; helpers: L{tests.e2e}.
 import json
 import struct
 
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.e2e import (HTTP, assert_healthy, connect_raw, connect_tcp,
@@ -370,3 +372,23 @@ class HTTPListenerBadInputTests(TestCase):
 
     def test_garbage_to_metrics(self):
         return self.garbage_to("metrics")
+
+
+class HandshakeLimitTests(TestCase):
+    async def test_endless_websocket_handshake(self):
+        """
+        An opening handshake whose headers never end is cut off once it is
+        over 16 KiB, not buffered for as long as the client keeps sending.
+        """
+        from tests.e2e import connect_raw
+        gate = start_gate(self)
+        raw = await connect_raw(self, gate, "ws")
+        raw.transport.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        for _ in range(40):
+            if raw.is_lost:
+                break
+            raw.transport.write(b"a" * 1024)
+            await deferLater(reactor, 0.01, lambda: None)
+        await raw.wait_lost()
+        self.assertEqual(raw.data, b"")
+        await assert_healthy(self, gate, "ws")

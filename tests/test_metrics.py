@@ -34,6 +34,25 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.value("mmogate_request_seconds_count",
                                     route="other"), 50)
 
+    def test_unknown_routes_share_a_label(self):
+        """
+        Routes the backend does not know do not use up route labels.
+        """
+        for i in range(MAX_ROUTE_LABELS + 10):
+            self.metrics.request(f"nope{i}", "route_not_found", 0.01)
+        self.metrics.request("echo", "ok", 0.01)
+        self.assertEqual(self.value("mmogate_requests_total", route="echo",
+                                    outcome="ok"), 1)
+        self.assertEqual(self.value("mmogate_requests_total",
+                                    route="unknown_route",
+                                    outcome="route_not_found"),
+                         MAX_ROUTE_LABELS + 10)
+
+    def test_backend_codes_bounded(self):
+        self.metrics.request("echo", "my_custom_code", 0.01)
+        self.assertEqual(self.value("mmogate_requests_total", route="echo",
+                                    outcome="backend_code"), 1)
+
     def test_push_outcomes(self):
         result = PushResult()
         result.delivered, result.queued, result.dropped = 3, 2, 1
