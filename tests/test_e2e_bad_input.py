@@ -186,6 +186,21 @@ class TCPBadInputTests(ClosingErrorsMixin, TestCase):
             await client.wait_lost()
         await assert_healthy(self, gate, "tcp")
 
+    async def test_oversized_header_with_more_data(self):
+        """
+        The C{err} reaches a client that sent more after the oversized
+        header: the gate does not reset the connection on its unread bytes.
+        """
+        gate = start_gate(self)
+        for _ in range(3):
+            client = await connect_tcp(self, gate)
+            client.send_raw(struct.pack(">I", 10 ** 6) + b"z" * 300000)
+            err = await client.next()
+            self.assertEqual((err["t"], err["code"]),
+                             ("err", "frame_too_large"))
+            await client.wait_lost()
+        await assert_healthy(self, gate, "tcp")
+
     async def test_max_frame_boundary(self):
         gate = start_gate(self, session={"max_frame": 128})
         client = await connect_tcp(self, gate)
