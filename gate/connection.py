@@ -113,3 +113,26 @@ class OutputFlow:
 
     def stopProducing(self):
         self.paused = False
+
+
+class SessionFactory:
+    """
+    What the TCP and WebSocket factories share: the session manager, the
+    clock and limits their protocols read, and refusing connections while
+    the gate does not accept clients (stopping or draining).
+
+    Mixed in before the Twisted or autobahn factory class.
+    """
+
+    noisy = False
+
+    def setup(self, sessions, max_frame, clock, max_outbuf):
+        self.sessions = sessions
+        self.max_frame = max_frame
+        self.clock = clock
+        self.max_outbuf = max_outbuf
+
+    def buildProtocol(self, addr):
+        if not self.sessions.accepting:
+            return None
+        return super().buildProtocol(addr)

@@ -6,7 +6,8 @@ L{gate.session.Session}.
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from gate.connection import ClosingTimer, OutputFlow, peer_of
+from gate.connection import (ClosingTimer, OutputFlow, SessionFactory,
+                             peer_of)
 from gate.framing import FrameDecoder, FrameTooLarge
 from gate.interfaces import IClientConnection
 
@@ -76,21 +77,12 @@ class GateTCPProtocol(Protocol):
         self.transport.abortConnection()
 
 
-class GateTCPFactory(Factory):
+class GateTCPFactory(SessionFactory, Factory):
     """
     @param sessions: the L{gate.session.SessionManager}.
     """
 
     protocol = GateTCPProtocol
-    noisy = False
 
     def __init__(self, sessions, max_frame, clock, max_outbuf=1 << 20):
-        self.sessions = sessions
-        self.max_frame = max_frame
-        self.clock = clock
-        self.max_outbuf = max_outbuf
-
-    def buildProtocol(self, addr):
-        if not self.sessions.accepting:
-            return None
-        return Factory.buildProtocol(self, addr)
+        self.setup(sessions, max_frame, clock, max_outbuf)

@@ -9,7 +9,8 @@ from autobahn.twisted.websocket import (WebSocketServerFactory,
 from autobahn.websocket.types import ConnectionDeny
 from zope.interface import implementer
 
-from gate.connection import ClosingTimer, OutputFlow, peer_of
+from gate.connection import (ClosingTimer, OutputFlow, SessionFactory,
+                             peer_of)
 from gate.interfaces import IClientConnection
 
 WS_PATH = "/ws"
@@ -114,27 +115,19 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self.transport.abortConnection()
 
 
-class GateWebSocketFactory(WebSocketServerFactory):
+class GateWebSocketFactory(SessionFactory, WebSocketServerFactory):
     """
     @param sessions: the L{gate.session.SessionManager}.
     """
 
     protocol = GateWebSocketProtocol
-    noisy = False
 
     def __init__(self, sessions, max_frame, clock, max_outbuf=1 << 20):
         WebSocketServerFactory.__init__(self, server="mmogate")
-        self.sessions = sessions
-        self.clock = clock
-        self.max_outbuf = max_outbuf
+        self.setup(sessions, max_frame, clock, max_outbuf)
         self.setProtocolOptions(maxMessagePayloadSize=max_frame,
                                 maxFramePayloadSize=max_frame,
                                 openHandshakeTimeout=10,
                                 # No HTML status page for plain HTTP GETs.
                                 webStatus=False,
                                 closeHandshakeTimeout=5)
-
-    def buildProtocol(self, addr):
-        if not self.sessions.accepting:
-            return None
-        return WebSocketServerFactory.buildProtocol(self, addr)
