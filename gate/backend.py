@@ -42,7 +42,8 @@ class _Discard(Protocol):
     """
 
     def connectionMade(self):
-        self.transport.stopProducing()
+        if self.transport is not None:
+            self.transport.stopProducing()
 
 
 class BackendStatusError(Exception):
@@ -89,7 +90,7 @@ class HTTPBackend:
             http = HTTPClient(Agent(reactor, pool=self._pool))
         self._http = http
 
-    def _post(self, path, body):
+    def _post(self, path, body, read_body=True):
         data = encode(body)
         headers = dict(self._gate_headers)
         if self._secret is not None:
@@ -97,7 +98,7 @@ class HTTPBackend:
                 sign(self._secret, data).encode("ascii")]
         d = self._http.post(self.url + path, data=data, headers=headers,
                             allow_redirects=False)
-        d.addCallback(self._read)
+        d.addCallback(self._read if read_body else self._status_only)
         # One deadline over connect, headers and body. Cancelling an Agent
         # request fails it with ResponseNeverReceived, not CancelledError, so
         # whether the deadline passed is read off the timer itself.
@@ -112,6 +113,10 @@ class HTTPBackend:
         d.addCallbacks(self._answered, self._unreachable,
                        errbackArgs=(timer,))
         return d
+
+    def _status_only(self, response):
+        response.deliverBody(_Discard())
+        return response.code, b""
 
     def _read(self, response):
         """
@@ -189,10 +194,12 @@ class HTTPBackend:
         return _ok_body(code, content).get("data")
 
     def event(self, body):
-        return self._post("/events", body).addCallback(_expect_2xx)
+        return self._post("/events", body, read_body=False).addCallback(
+            _expect_2xx)
 
     def register(self, body):
-        return self._post("/gates", body).addCallback(_expect_2xx)
+        return self._post("/gates", body, read_body=False).addCallback(
+            _expect_2xx)
 
     def close(self):
         if self._pool is not None:

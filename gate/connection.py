@@ -85,6 +85,10 @@ class OutputFlow:
     def wrote(self, size):
         if not self.paused:
             return
+        if not self.reading_paused and not self._keep_reading():
+            # A replay that kept reading on has ended while still full.
+            self.reading_paused = True
+            self._transport.pauseProducing()
         self.queued += size
         if self.queued > self.limit and not self.overflowed:
             self.overflowed = True

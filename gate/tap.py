@@ -94,25 +94,11 @@ class SigtermIsAStop(Service):
         self._reactor.callFromThread(self._reactor.stop)
 
 
-class OneLineErrors(MultiService):
-    """
-    Turns a listener that cannot bind into one line and exit status 1,
-    instead of twistd's traceback.
-    """
-
-    def privilegedStartService(self):
-        from gate.service import ListenError
-        try:
-            MultiService.privilegedStartService(self)
-        except ListenError as e:
-            raise SystemExit(f"mmogate: {e}")
-
-
 def makeService(options):
     from twisted.internet import reactor
 
     from gate.service import GateService
-    top = OneLineErrors()
+    top = MultiService()
     gate = GateService(options.gate_config, reactor)
     gate.setServiceParent(top)
     SigtermIsAStop(reactor).setServiceParent(top)

@@ -62,15 +62,7 @@ class GateTCPProtocol(Protocol):
 
     def close(self):
         self._flow.detach()
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is not None:
-            # Send what is queued and a FIN, but keep reading (and ignoring)
-            # until the client closes: closing with its data unread would
-            # reset the connection, and the client lose the kick or err
-            # that says why.
-            half_close()
-        else:
-            self.transport.loseConnection()
+        self.transport.loseConnection()
         self._closer.start(self.transport)
 
     def abort(self):

@@ -398,3 +398,20 @@ class BodyLimitTests(SynchronousTestCase):
         self.assertEqual(len(body), 2048)
         self.resource.answers[b"/rpc/big"] = (200, body)
         self.assertEqual(self.successResultOf(self.call()), "x" * 2036)
+
+
+class EventBodyTests(SynchronousTestCase):
+    def test_event_answer_body_ignored(self):
+        """
+        Only the status of an event's answer counts: a large 2xx body is
+        not an error (which would be retried forever).
+        """
+        clock = Clock()
+        resource = RecordingBackend()
+        stub = StubTreq(resource)
+        backend = HTTPBackend(clock, "http://backend.test/", "g", timeout=5.0,
+                              http=stub, max_body=1024)
+        resource.answers[b"/events"] = (200, b"x" * 5000)
+        d = backend.event({"event": "online"})
+        stub.flush()
+        self.assertIsNone(self.successResultOf(d))

@@ -55,3 +55,22 @@ class OutputFlowTests(SynchronousTestCase):
         self.flow.pauseProducing()
         self.flow.wrote(90)
         self.assertEqual(self.overflows, [])
+
+
+class KeepReadingTests(SynchronousTestCase):
+    def test_replay_ends_while_full(self):
+        """
+        While a replay runs the flow keeps reading when full; once the
+        replay is over, the next write while still full stops reading.
+        """
+        transport = StringTransport()
+        replaying = [True]
+        flow = OutputFlow(transport, 100, lambda: None, lambda: None,
+                          keep_reading=lambda: replaying[0])
+        flow.pauseProducing()
+        self.assertEqual(transport.producerState, "producing")
+        replaying[0] = False
+        flow.wrote(10)
+        self.assertEqual(transport.producerState, "paused")
+        flow.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
