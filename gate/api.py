@@ -8,6 +8,7 @@ pushes went out.
 
 import hmac
 
+from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -204,7 +205,6 @@ class APIResource(Resource):
         if not isinstance(ops, list):
             raise BadBody("'ops' must be a list of push bodies")
         checked = [check_push(op, f"ops[{i}].") for i, op in enumerate(ops)]
-        from twisted.internet.defer import gatherResults
         d = gatherResults([self._gate.players.push(*op) for op in checked],
                           consumeErrors=True)
         return d.addCallback(lambda results: {

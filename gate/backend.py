@@ -11,7 +11,7 @@ way a call can fail becomes the error code the client is owed.
 import treq
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import CancelledError, TimeoutError, succeed
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -204,7 +204,6 @@ class HTTPBackend:
     def close(self):
         if self._pool is not None:
             return self._pool.closeCachedConnections()
-        from twisted.internet.defer import succeed
         return succeed(None)
 
 

@@ -11,7 +11,7 @@ their envelopes ask, through the worker pool and the backend client.
 import secrets
 from collections import deque
 
-from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from gate import envelope, errors
@@ -504,7 +504,6 @@ class SessionManager:
         """
         @return: L{Deferred} firing once no session is left.
         """
-        from twisted.internet.defer import Deferred
         if not self.sessions:
             return succeed(None)
         d = Deferred()

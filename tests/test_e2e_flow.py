@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from tests.e2e import (HTTP, assert_healthy, connect_tcp, connect_ws,
-                       start_gate, until)
+                       start_gate)
 
 MAX_OUTBUF = 16384
 
