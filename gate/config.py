@@ -29,6 +29,8 @@ class Key:
     doc: str
     minimum: float | None = None
     choices: tuple = ()
+    #: The element type of a list key.
+    item: type = str
     #: Required when a config file is given; the built-in development
     #: defaults (no file) supply a value.
     required: bool = False
@@ -53,8 +55,46 @@ SCHEMA = (
         "Push and admin API listener."),
     Key("listen.metrics", str, "tcp:9090:interface=127.0.0.1",
         "/metrics, /health and /ready ('' to disable)."),
-    Key("backend.url", str, "", "Base URL of the game backend; unset runs the "
-        "bundled reference backend in-process."),
+    Key("listen.tcp_secure", str, "", "Length-framed TCP listener with the "
+        "encrypted channel of PROTOCOL.md section 8 ('' to disable)."),
+    Key("encrypt.key_file", str, "mmogate-ed25519.pem", "The gate's Ed25519 "
+        "private key (PEM) for the encrypted channel; created with mode 0600 "
+        "when missing."),
+    Key("encrypt.rekey_frames", int, 100000, "Frames the gate sends under one "
+        "key before it rotates it.", minimum=1),
+    Key("encrypt.rekey_seconds", float, 3600.0, "Seconds the gate sends under "
+        "one key before it rotates it.", minimum=0.01),
+    Key("limits.max_connections", int, 100000, "Client connections open at "
+        "once, over all client listeners; more are closed at once.",
+        minimum=1),
+    Key("limits.max_per_ip", int, 1000, "Client connections open at once "
+        "from one IP address.", minimum=1),
+    Key("backend.url", str, "", "Base URL of the game backend; unset (with "
+        "backend.urls unset) runs the bundled reference backend in-process."),
+    Key("backend.urls", list, [], "Several backend base URLs, instead of "
+        "backend.url."),
+    Key("backend.weights", list, [], "One weight per backend.urls entry, for "
+        "backend.balance = weighted (default: all 1).", item=int),
+    Key("backend.balance", str, "round_robin", "How requests are spread over "
+        "backend.urls.", choices=("round_robin", "weighted",
+                                  "least_outstanding", "player_hash")),
+    Key("backend.idempotent_routes", list, [], "Routes whose requests may be "
+        "sent again (to another backend) after a failure."),
+    Key("backend.retries", int, 2, "Extra attempts for a request on an "
+        "idempotent route.", minimum=0),
+    Key("backend.retry_backoff", float, 0.05, "Base of the exponential "
+        "backoff between retries, in seconds (with full jitter).",
+        minimum=0),
+    Key("backend.health_path", str, "/health", "Path probed with GET on each "
+        "backend; any answer below 500 counts as healthy."),
+    Key("backend.health_interval", float, 5.0, "Seconds between health "
+        "probes of each backend (0 turns them off).", minimum=0),
+    Key("backend.breaker_failures", int, 5, "Consecutive failures (no "
+        "connection, timeout, 5xx) that open a backend's circuit breaker.",
+        minimum=1),
+    Key("backend.breaker_reset", float, 10.0, "Seconds an open circuit "
+        "breaker waits before letting one trial request through.",
+        minimum=0.01),
     Key("backend.timeout", float, 10.0, "Seconds a backend call may take.",
         minimum=0.001),
     Key("backend.secret", str, "", "HMAC-SHA256 key for X-Mmogate-Signature "
@@ -77,6 +117,17 @@ SCHEMA = (
         required=True),
     Key("auth.resume_ttl", float, 7 * 86400.0, "Lifetime of a resume token in "
         "seconds.", minimum=1),
+    Key("session.login_timeout", float, 30.0, "A connection that has not "
+        "logged in (login, auth or resume) by then is closed.", minimum=0.01),
+    Key("session.rate", float, 50.0, "Requests per second one session may "
+        "send on average (token bucket); more are answered rate_limited.",
+        minimum=0.001),
+    Key("session.burst", int, 100, "Requests one session may send at once "
+        "above session.rate.", minimum=1),
+    Key("session.rate_strikes", int, 100, "rate_limited answers in a row "
+        "after which the session is closed.", minimum=1),
+    Key("session.max_depth", int, 32, "Deepest JSON nesting accepted in a "
+        "client envelope; deeper is bad_json.", minimum=2),
     Key("session.max_frame", int, 65536, "Largest client payload in bytes.",
         minimum=16),
     Key("session.heartbeat_ttl", float, 60.0, "A session silent this long is "
@@ -91,6 +142,23 @@ SCHEMA = (
         "long is removed with its mailbox.", minimum=0.01),
     Key("player.mailbox_max", int, 1000, "Persistent pushes kept per player.",
         minimum=1),
+    Key("store.kind", str, "memory", "Where players and mailboxes live: "
+        "'memory' (this process) or 'redis' (shared by gates).",
+        choices=("memory", "redis")),
+    Key("store.redis_url", str, "redis://127.0.0.1:6379/0", "Redis for "
+        "store.kind = redis."),
+    Key("store.redis_prefix", str, "mmogate:", "Prefix of every Redis key "
+        "and channel, so several clusters can share one Redis."),
+    Key("store.postgres_dsn", str, "", "PostgreSQL (libpq DSN) for the "
+        "durable mailbox and the session audit log ('' for none)."),
+    Key("store.retry_max", float, 30.0, "Longest backoff between attempts "
+        "to reconnect to Redis or PostgreSQL.", minimum=0.01),
+    Key("drain.jitter", float, 10.0, "Seconds over which reconnects sent "
+        "by /v1/reconnect and /v1/drain are spread.", minimum=0),
+    Key("drain.deadline", float, 300.0, "Default deadline of /v1/drain, in "
+        "seconds.", minimum=0),
+    Key("drain.close_after", float, 30.0, "Seconds a session told to "
+        "reconnect may stay before it is closed.", minimum=0),
     Key("workers.min", int, 8, "Workers kept even when idle.", minimum=0),
     Key("workers.max", int, 256, "Most backend calls in flight at once.",
         minimum=1),
@@ -135,8 +203,12 @@ def _coerce(key, value):
         if not isinstance(value, str):
             raise ConfigError(f"{key.name}: expected a string, got {value!r}")
     elif key.type is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key.name}: expected a list of strings, got {value!r}")
+        kind = "strings" if key.item is str else "integers"
+        if not isinstance(value, list) or not all(
+                isinstance(v, key.item) and not isinstance(v, bool)
+                for v in value):
+            raise ConfigError(f"{key.name}: expected a list of {kind}, "
+                              f"got {value!r}")
     if key.minimum is not None and value < key.minimum:
         raise ConfigError(f"{key.name}: must be at least {key.minimum}, got {value!r}")
     if key.choices and value not in key.choices:
@@ -226,20 +298,40 @@ def from_mapping(table, *, from_file=True):
         raise ConfigError("workers.max: must be at least workers.min")
     if not values["listen.api"]:
         raise ConfigError("listen.api: the push API listener cannot be disabled")
-    url = values["backend.url"]
-    if url:
-        parts = urlsplit(url)
-        try:
-            parts.port
-        except ValueError as e:
-            raise ConfigError(f"backend.url: {e} in {url!r}")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"backend.url: must be an http:// or https:// "
-                              f"URL with a host, got {url!r}")
-    for name in ("listen.tcp", "listen.ws", "listen.api", "listen.metrics"):
+    if values["backend.url"]:
+        _check_url("backend.url", values["backend.url"])
+    if values["backend.url"] and values["backend.urls"]:
+        raise ConfigError("backend.urls: set either backend.url or "
+                          "backend.urls, not both")
+    for url in values["backend.urls"]:
+        _check_url("backend.urls", url)
+    weights = values["backend.weights"]
+    if weights:
+        if len(weights) != len(values["backend.urls"]):
+            raise ConfigError("backend.weights: needs one weight per "
+                              "backend.urls entry")
+        if any(w < 0 for w in weights) or not any(weights):
+            raise ConfigError("backend.weights: must be >= 0 and not all 0")
+    if values["store.kind"] == "redis":
+        _check_url("store.redis_url", values["store.redis_url"],
+                   ("redis", "rediss", "unix"))
+    for name in ("listen.tcp", "listen.ws", "listen.tcp_secure", "listen.api",
+                 "listen.metrics"):
         if values[name]:
             _check_endpoint(name, values[name])
     return Config(values)
+
+
+def _check_url(name, url, schemes=("http", "https")):
+    parts = urlsplit(url)
+    try:
+        parts.port
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e} in {url!r}")
+    if parts.scheme not in schemes or not (parts.hostname or
+                                           parts.scheme == "unix"):
+        raise ConfigError(f"{name}: must be a {' or '.join(s + '://' for s in schemes)} "
+                          f"URL with a host, got {url!r}")
 
 
 #: Shortest auth.secret accepted, in bytes.
