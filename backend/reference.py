@@ -20,6 +20,9 @@ Routes of C{POST /rpc/{route}} (and of the batch form C{POST /rpc}):
     - C{slow}: answers C{{"slept": s}} after C{data.seconds} (at most 30) on
       the injected clock, for tests of C{backend_timeout}.
 
+C{GET /health} answers 200 C{{"ok": true}}, for the gate's health probes
+(C{backend.health_path}).
+
 Tests: L{tests.test_backend_reference}.
 """
 
@@ -515,6 +518,12 @@ class _BackendResource(Resource):
         self._backend = backend
 
     def render(self, request):
+        if request.method in (b"GET", b"HEAD") and request.postpath in (
+                [b"health"], [b"health", b""]):
+            # The gate's health probe (backend.health_path): unsigned, no
+            # body, answered while this process serves.
+            _write(request, Answer(200, {"ok": True}))
+            return NOT_DONE_YET
         if request.method != b"POST":
             # Answered here, in JSON, rather than by twisted.web's HTML page.
             request.setHeader(b"Allow", b"POST")

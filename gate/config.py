@@ -113,6 +113,9 @@ SCHEMA = (
         required=True),
     Key("api.max_body", int, 1048576, "Largest API request body in bytes.",
         minimum=2),
+    Key("api.request_timeout", float, 30.0, "Seconds one request to the API "
+        "or metrics listener may take to arrive whole, from its first byte; "
+        "a slower one (slowloris) is closed.", minimum=0.01),
     Key("auth.secret", str, "", "HS256 key for auth tokens and resume tokens.",
         required=True),
     Key("auth.resume_ttl", float, 7 * 86400.0, "Lifetime of a resume token in "
@@ -124,8 +127,9 @@ SCHEMA = (
         minimum=0.001),
     Key("session.burst", int, 100, "Requests one session may send at once "
         "above session.rate.", minimum=1),
-    Key("session.rate_strikes", int, 100, "rate_limited answers in a row "
-        "after which the session is closed.", minimum=1),
+    Key("session.rate_strikes", int, 100, "Strikes at which a session is "
+        "closed: each rate_limited answer adds one, each envelope served "
+        "takes one away.", minimum=1),
     Key("session.max_depth", int, 32, "Deepest JSON nesting accepted in a "
         "client envelope; deeper is bad_json.", minimum=2),
     Key("session.max_frame", int, 65536, "Largest client payload in bytes.",
@@ -153,6 +157,18 @@ SCHEMA = (
         "durable mailbox and the session audit log ('' for none)."),
     Key("store.retry_max", float, 30.0, "Longest backoff between attempts "
         "to reconnect to Redis or PostgreSQL.", minimum=0.01),
+    Key("store.timeout", float, 5.0, "Seconds a Redis command may take; "
+        "past it the connection is dropped and the store counts as "
+        "unreachable until it reconnects.", minimum=0.01),
+    Key("store.gate_ttl", float, 10.0, "Seconds a gate counts as alive in "
+        "Redis after its last heartbeat (sent every third of it): pushes to "
+        "players of a gate silent this long are queued, not delivered.",
+        minimum=0.1),
+    Key("store.audit_max", int, 10000, "Session audit events kept in memory: "
+        "the whole log without store.postgres_dsn, those waiting for "
+        "PostgreSQL with it (the oldest are dropped beyond it).", minimum=1),
+    Key("store.audit_retention", float, 2592000.0, "Seconds the audit log "
+        "keeps an event in PostgreSQL (0: for ever).", minimum=0),
     Key("drain.jitter", float, 10.0, "Seconds over which reconnects sent "
         "by /v1/reconnect and /v1/drain are spread.", minimum=0),
     Key("drain.deadline", float, 300.0, "Default deadline of /v1/drain, in "

@@ -6,8 +6,13 @@ that reads slowly, and closing a connection that will not drain.
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-#: Seconds a closing connection may take to write what is queued to it
-#: before it is dropped; a client that stopped reading must not keep it.
+from gate.limits import MAX_REFUSING, Hangup
+
+_UNCOUNTED = object()
+
+#: Seconds a closing connection may take to write what is queued to it,
+#: and its client to close its side, before it is dropped; a client that
+#: stopped reading must not keep it.
 CLOSE_TIMEOUT = 10.0
 
 
@@ -122,10 +127,14 @@ class OutputFlow:
 class SessionFactory:
     """
     What the TCP and WebSocket factories share: the session manager, the
-    clock and limits their protocols read, and refusing connections while
-    the gate does not accept clients (stopping or draining).
+    clock and limits their protocols read, refusing connections while the
+    gate does not accept clients (stopping or draining), and counting them
+    against C{limits.max_connections} and C{limits.max_per_ip} (the
+    session manager's L{gate.limits.ConnectionLimits}, shared by every
+    client listener).
 
-    Mixed in before the Twisted or autobahn factory class.
+    Mixed in before the Twisted or autobahn factory class. Its protocols
+    call L{connection_lost} from their C{connectionLost}.
     """
 
     noisy = False
@@ -137,6 +146,44 @@ class SessionFactory:
         self.max_outbuf = max_outbuf
 
     def buildProtocol(self, addr):
-        if not self.sessions.accepting:
+        sessions = self.sessions
+        if not sessions.accepting:
+            # A stopping or draining gate: hang up (a protocol, not None,
+            # which a TLS listener's wrapping factory cannot take).
+            protocol = Hangup()
+            protocol.factory = self
+            return protocol
+        host = getattr(addr, "host", None)
+        limits = sessions.limits
+        refused = limits.admit(host)
+        if refused is not None:
+            sessions.refused(refused, host)
+            protocol = None
+            if limits.refusing < MAX_REFUSING:
+                protocol = self.refusal(refused)
+            if protocol is None:
+                protocol = Hangup()
+            protocol.factory = self
+            return protocol
+        protocol = super().buildProtocol(addr)
+        if protocol is None:
+            limits.release(host)
             return None
-        return super().buildProtocol(addr)
+        protocol.limited_host = host
+        return protocol
+
+    def refusal(self, reason):
+        """
+        The protocol that tells a refused client why (C{None}: close at
+        once, saying nothing); see L{gate.limits.Refusal}.
+        """
+        return None
+
+    def connection_lost(self, protocol):
+        """
+        A connection built by L{buildProtocol} is gone: it no longer counts
+        (once, however often this is called).
+        """
+        host = protocol.__dict__.pop("limited_host", _UNCOUNTED)
+        if host is not _UNCOUNTED:
+            self.sessions.limits.release(host)

@@ -42,7 +42,50 @@ def loads(data):
     """
     if isinstance(data, (bytes, bytearray)):
         data = data.decode("utf-8")
-    return _decoder.decode(data)
+    obj = _decoder.decode(data)
+    if ("\\ud" in data or "\\uD" in data) and _lone_surrogate(obj):
+        raise ValueError("a \\ud800-\\udfff escape without its pair is not "
+                         "text")
+    return obj
+
+
+def _lone_surrogate(obj):
+    """
+    Whether C{obj} holds a lone surrogate (JSON C{"\\ud800"} decodes to
+    one): it has no UTF-8 form, so could not be sent on. Only called when
+    the text has such an escape, for the cost of one encoding.
+    """
+    try:
+        _encoder.encode(obj).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return True
+    return False
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def too_deep(data, max_depth):
+    """
+    Whether the valid JSON C{data} (UTF-8 bytes, already decoded once)
+    nests arrays and objects more than C{max_depth} levels (C{{}} is 1).
+
+    Linear and in C where it counts: a payload with no more than
+    C{max_depth} brackets at all is passed at once; otherwise strings are
+    cut out, the brackets kept, and innermost pairs removed once per level,
+    at most C{max_depth} times. Only for input that decoded: on broken
+    strings the string pattern would be quadratic.
+    """
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return False
+    nesting = _STRING.sub(b"", data).translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not nesting:
+            return False
+        nesting = nesting.replace(b"[]", b"")
+    return bool(nesting)
 
 
 def encode(obj):
@@ -104,10 +147,11 @@ REQUEST_TYPES = frozenset({"login", "auth", "resume", "req"})
 TYPES = REQUEST_TYPES | {"ack", "ping", "pong"}
 
 
-def parse(payload):
+def parse(payload, max_depth=None):
     """
     Check one payload and return its L{Envelope}.
 
+    @param max_depth: the deepest nesting accepted (C{session.max_depth}).
     @raise ProtocolViolation: C{bad_json}; the connection is then closed.
     @raise GateError: C{bad_request} or C{unknown_type}, with an C{id}
         attribute (or C{None}) for the C{err} reply.
@@ -116,6 +160,12 @@ def parse(payload):
         obj = _decoder.decode(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolViolation(errors.BAD_JSON, f"payload is not UTF-8 JSON: {e}")
+    if max_depth is not None and too_deep(payload, max_depth):
+        raise ProtocolViolation(errors.BAD_JSON, f"payload nests deeper than "
+                                                 f"{max_depth} levels")
+    if (b"\\ud" in payload or b"\\uD" in payload) and _lone_surrogate(obj):
+        raise ProtocolViolation(errors.BAD_JSON, "payload has a \\ud800-\\udfff "
+                                                 "escape without its pair")
     if not isinstance(obj, dict):
         raise ProtocolViolation(errors.BAD_JSON, "payload is not a JSON object")
     rid = obj.get("id")

@@ -8,6 +8,8 @@ from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from gate.deadline import DeadlineChannel
+
 
 class _Leaf(Resource):
     isLeaf = True
@@ -52,6 +54,8 @@ def health_site(gate):
     root.putChild(b"health", _Leaf(health))
     root.putChild(b"ready", _Leaf(ready))
     site = Site(root)
+    site.protocol = DeadlineChannel
+    site.request_timeout = gate.config["api.request_timeout"]
     site.noisy = False
     site.log = lambda request: None
     return site

@@ -21,6 +21,10 @@ OUTCOMES = frozenset({"ok", errors.BAD_REQUEST, errors.NOT_AUTHENTICATED,
                       errors.INTERNAL})
 
 
+#: The states of a gate, as announced to backends (PROTOCOL.md section 4).
+GATE_STATES = ("up", "draining", "down")
+
+
 class Metrics:
     def __init__(self, gate_id):
         self.registry = r = CollectorRegistry()
@@ -48,8 +52,35 @@ class Metrics:
                              registry=r)
         self.bad = Counter("mmogate_bad_input", "Client input refused",
                            ["code"], registry=r)
+        self.refused = Counter("mmogate_connections_refused", "Client "
+                               "connections refused by limits.max_connections "
+                               "or limits.max_per_ip", ["reason"], registry=r)
+        self.limited = Counter("mmogate_sessions_limited", "Sessions closed "
+                               "by a limit (login_timeout, rate_limited)",
+                               ["reason"], registry=r)
         self.events = Counter("mmogate_lifecycle_events", "Lifecycle events to "
                               "the backend", ["outcome"], registry=r)
+        self.gate_state = Gauge("mmogate_gate_state", "1 for the state the "
+                                "gate is in (up, draining, down), 0 for the "
+                                "others", ["state"], registry=r)
+        self.reconnects = Counter("mmogate_reconnects", "reconnect envelopes "
+                                  "sent to clients", ["reason"], registry=r)
+        # Several backends (backend.urls), labelled host:port: bounded by
+        # the configuration.
+        self.backend_calls = Counter("mmogate_backend_requests", "Calls "
+                                     "(login, rpc, events) to each of "
+                                     "backend.urls by outcome",
+                                     ["backend", "outcome"], registry=r)
+        self.backend_breaker = Gauge("mmogate_backend_breaker", "Circuit "
+                                     "breaker of each of backend.urls: 0 "
+                                     "closed, 1 half-open, 2 open",
+                                     ["backend"], registry=r)
+        self.backend_healthy = Gauge("mmogate_backend_healthy", "1 while a "
+                                     "backend of backend.urls passes its "
+                                     "health probes", ["backend"], registry=r)
+        self.backend_retries = Counter("mmogate_backend_retries", "Calls on "
+                                       "idempotent routes sent again after a "
+                                       "failure", registry=r)
         self._routes = set()
         self._request_children = {}
         self._push_outcomes = {outcome: self.pushes.labels(outcome) for outcome
@@ -117,8 +148,36 @@ class Metrics:
     def bad_input(self, code):
         self.bad.labels(code).inc()
 
+    def connection_refused(self, reason):
+        self.refused.labels(reason).inc()
+
+    def session_limited(self, reason):
+        self.limited.labels(reason).inc()
+
     def event(self, outcome):
         self.events.labels(outcome).inc()
+
+    def watch_backend(self, label, breaker, healthy, outcomes):
+        """
+        Read one backend's breaker and health gauges from C{breaker()} and
+        C{healthy()} at each scrape.
+
+        @return: its call counters, by each of C{outcomes}.
+        """
+        self.backend_breaker.labels(label).set_function(breaker)
+        self.backend_healthy.labels(label).set_function(healthy)
+        return {outcome: self.backend_calls.labels(label, outcome)
+                for outcome in outcomes}
+
+    def backend_retried(self):
+        self.backend_retries.inc()
+
+    def state(self, state):
+        for name in GATE_STATES:
+            self.gate_state.labels(name).set(1 if name == state else 0)
+
+    def reconnect_sent(self, reason):
+        self.reconnects.labels(reason).inc()
 
     def watch_mailboxes(self, total):
         """

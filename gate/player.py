@@ -4,18 +4,30 @@ session, who is offline and for how long, and where a push for a player
 goes (its session or its mailbox).
 """
 
-import secrets
 from collections import namedtuple
 
 from twisted.internet.defer import DeferredLock, gatherResults, succeed
 from twisted.logger import Logger
 
+from gate import errors
+from gate.audit import MemoryAuditLog
+from gate.bans import Bans
 from gate.envelope import PushTemplate
+from gate.errors import GateError
 
-Location = namedtuple("Location", "player_id gate_id session_id since")
+Location = namedtuple("Location", "player_id gate_id session_id since epoch",
+                      defaults=(None,))
 Location.__doc__ = """
 Where a player is: C{session_id} is C{None} while the player is offline,
-C{since} is when it last came online or went offline.
+C{since} is when it last came online or went offline, C{epoch} names its
+incarnation.
+"""
+
+Claim = namedtuple("Claim", "previous epoch last_seq")
+Claim.__doc__ = """
+What L{gate.interfaces.IPlayerDirectory.claim} answers: the L{Location}
+the player was online at before (or C{None}), its incarnation, and (from a
+shared store) the highest seq assigned when the claim was made.
 """
 
 
@@ -26,15 +38,19 @@ class Player:
     """
 
     __slots__ = ("player_id", "session", "since", "expiry", "lock",
-                 "ever_bound", "epoch")
+                 "ever_bound", "epoch", "claim_seq")
 
     def __init__(self, player_id, now):
         self.player_id = player_id
         self.ever_bound = False
-        #: Names this incarnation of the player: resume tokens carry it, so
-        #: a token from before the player expired cannot resume the new one
-        #: (whose seqs started over).
-        self.epoch = secrets.token_hex(8)
+        #: Names this incarnation of the player, as the directory (which
+        #: owns it) answered the last claim: resume tokens carry it, so a
+        #: token from before the player expired cannot resume the new one
+        #: (whose seqs started over), on any gate.
+        self.epoch = None
+        #: The highest seq assigned when the session was claimed (shared
+        #: stores): pushes above it were all addressed to that session.
+        self.claim_seq = 0
         self.session = None
         self.since = now
         self.expiry = None
@@ -72,13 +88,18 @@ class PlayerManager:
     @param mailboxes: an L{IMailboxStore}.
     @param events: an L{gate.events.EventSender}.
     @param clock: an L{IReactorTime}.
+    @param bans: the L{gate.bans.Bans} that L{kick} records bans in and
+        binds check (default: this gate's own, revoking tokens for
+        C{token_ttl} seconds).
     """
 
     log = Logger()
 
     def __init__(self, clock, gate_id, directory, mailboxes, events,
-                 idle_timeout, metrics=None):
+                 idle_timeout, metrics=None, bans=None,
+                 token_ttl=7 * 86400.0):
         self._clock = clock
+        self.bans = bans if bans is not None else Bans(clock, token_ttl)
         self.gate_id = gate_id
         self.directory = directory
         self.mailboxes = mailboxes
@@ -87,6 +108,15 @@ class PlayerManager:
         self._metrics = metrics
         self.players = {}
         self.online = 0
+        #: The session audit log (an L{IAuditLog}), for expiries.
+        self.audit = MemoryAuditLog()
+        #: The L{gate.cluster.Cluster} when the store is shared with other
+        #: gates; C{None} for a gate alone, whose routing stays here.
+        self.cluster = None
+        #: Session id to the player id it is being claimed for, from the
+        #: claim until its answer: pushes and kicks for that player reach
+        #: the session from then on, even before the answer is read.
+        self.binding = {}
 
     def get(self, player_id):
         return self.players.get(player_id)
@@ -99,12 +129,15 @@ class PlayerManager:
         if self._metrics is not None:
             self._metrics.players(self.online, len(self.players) - self.online)
 
-    def bind(self, session, player_id):
+    def bind(self, session, player_id, epoch=None):
         """
         Bind C{session} to C{player_id}, replacing any session the player
         has; binds of one player run one at a time, so two racing logins end
         with exactly one session.
 
+        @param epoch: for a resume, the incarnation named by its token; the
+            bind fails with C{resume_rejected} unless the player lives with
+            that incarnation.
         @return: L{Deferred} firing with the L{Player}, or with C{None} if the
             session closed meanwhile.
         """
@@ -120,7 +153,7 @@ class PlayerManager:
         if player.expiry is not None and player.expiry.active():
             player.expiry.cancel()
         player.expiry = None
-        d = player.lock.run(self._bind, session, player)
+        d = player.lock.run(self._bind, session, player, epoch)
         d.addBoth(self._after_bind, player)
         return d
 
@@ -133,12 +166,15 @@ class PlayerManager:
                 del self.players[player.player_id]
                 self._report()
             elif player.expiry is None:
-                player.expiry = self._clock.callLater(self.idle_timeout,
+                # A failed bind (a rejected resume, say) does not make an
+                # offline player live longer.
+                left = player.since + self.idle_timeout - self._clock.seconds()
+                player.expiry = self._clock.callLater(max(0.0, left),
                                                       self._expire, player)
         return result
 
-    def _bind(self, session, player):
-        if session.closed:
+    def _bind(self, session, player, epoch=None):
+        if session.closed or session.closing:
             return succeed(None)
         if session.player is not None and session.player is not player:
             # The connection changes player: seqs start over, and pushes held
@@ -146,19 +182,36 @@ class PlayerManager:
             self.unbind(session)
             session.switch_player()
         now = self._clock.seconds()
-        d = self.directory.claim(player.player_id, self.gate_id, session.id, now)
+        self.binding[session.id] = player.player_id
+        d = self.directory.claim(player.player_id, self.gate_id, session.id,
+                                 now, epoch)
 
-        def claimed(previous):
-            if session.closed:
-                # Lost while the directory answered: give the claim back.
-                self.directory.release(player.player_id, self.gate_id,
-                                       session.id, self._clock.seconds())
+        def claimed(claim):
+            self.binding.pop(session.id, None)
+            if claim is None:
+                raise GateError(errors.RESUME_REJECTED,
+                                "no such player (expired or never seen), or "
+                                "the token is of an earlier incarnation")
+            if session.closed or session.closing:
+                # Lost (or kicked from another gate) while the directory
+                # answered: give the claim back.
+                self._release(player.player_id, session.id)
                 return None
+            player.epoch = claim.epoch
+            player.claim_seq = claim.last_seq
             old = player.session
             if old is not None and old is not session:
                 old.player = None
                 old.kick("replaced", "logged in from another connection")
                 self._went_offline(player, old, emit=False)
+            previous = claim.previous
+            if previous is not None and self.cluster is not None \
+                    and previous.session_id != session.id \
+                    and (old is None or previous.session_id != old.id):
+                # Online on another gate (or a session here the directory
+                # still names): that gate kicks it, found by session id.
+                self.cluster.kick_session(previous, "replaced",
+                                          "logged in from another connection")
             if player.session is not session:
                 if player.expiry is not None and player.expiry.active():
                     player.expiry.cancel()
@@ -175,7 +228,14 @@ class PlayerManager:
                               peer=session.peer, player_id=player.player_id)
             return player
 
-        d.addCallback(claimed)
+        def failed(failure):
+            self.binding.pop(session.id, None)
+            if self.cluster is not None:
+                # The claim may have been made with its answer lost.
+                self.cluster.release_later(player.player_id, session.id)
+            return failure
+
+        d.addCallbacks(claimed, failed)
         d.addBoth(self._unlock_when_idle, player)
         return d
 
@@ -194,8 +254,33 @@ class PlayerManager:
         if player is None or player.session is not session:
             return
         self._went_offline(player, session, emit=True)
-        self.directory.release(player.player_id, self.gate_id, session.id,
-                               self._clock.seconds())
+        self._release(player.player_id, session.id)
+
+    def _release(self, player_id, session_id):
+        d = self.directory.release(player_id, self.gate_id, session_id,
+                                   self._clock.seconds())
+        if self.cluster is not None:
+            d.addErrback(self.cluster.release_failed, player_id, session_id)
+
+    def replaced_elsewhere(self, session, reason, msg):
+        """
+        C{session}'s player was claimed on another gate: kick the session
+        without taking the player offline here (no C{offline} event, no
+        expiry: the player lives on over there).
+        """
+        player = session.player
+        if player is not None and player.session is session:
+            player.session = None
+            session.player = None
+            self.online -= 1
+            if player.expiry is not None and player.expiry.active():
+                player.expiry.cancel()
+            player.expiry = None
+            if player.lock is None \
+                    and self.players.get(player.player_id) is player:
+                del self.players[player.player_id]
+            self._report()
+        session.kick(reason, msg)
 
     def _went_offline(self, player, session, emit):
         player.session = None
@@ -221,11 +306,51 @@ class PlayerManager:
             return
         del self.players[player.player_id]
         self._report()
+        self.expire_in_store(player)
+
+    def expire_in_store(self, player):
+        """
+        Remove the expired C{player} from the directory and its mailbox,
+        only if it is still offline and last here: a shared directory may
+        know it came back on another gate meanwhile.
+        """
+        d = self.directory.expire(player.player_id, self.gate_id,
+                                  player.epoch)
+        d.addCallbacks(self._expired, self._expire_failed,
+                       callbackArgs=(player,), errbackArgs=(player,))
+
+    def _expired(self, removed, player):
+        if not removed:
+            return
         self.mailboxes.drop(player.player_id)
-        self.directory.forget(player.player_id)
+        self.audit.record("expiry", player.player_id, None, self.gate_id,
+                          None, "idle_timeout", self._clock.seconds())
         self._events.emit("expired", player.player_id, None)
         self.log.info("player {player_id} expired after {idle}s offline",
                       player_id=player.player_id, idle=self.idle_timeout)
+
+    def _expire_failed(self, failure, player):
+        self.log.warn("expiry of player {player_id} not confirmed by the "
+                      "store ({error}); tried again when it is back",
+                      player_id=player.player_id,
+                      error=failure.getErrorMessage())
+        if self.cluster is not None:
+            self.cluster.expire_later(player)
+
+    def forget_here(self, player, expired):
+        """
+        Drop an offline C{player} this gate holds but the shared store does
+        not: C{expired} (the store lost it; the backend is told) or living
+        on another gate.
+        """
+        if player.expiry is not None and player.expiry.active():
+            player.expiry.cancel()
+        player.expiry = None
+        if self.players.get(player.player_id) is player:
+            del self.players[player.player_id]
+            self._report()
+        if expired:
+            self._events.emit("expired", player.player_id, None)
 
     def ack(self, player, seq):
         return self.mailboxes.ack(player.player_id, seq)
@@ -237,6 +362,10 @@ class PlayerManager:
 
         @return: L{Deferred} firing with a L{PushResult}.
         """
+        if self.cluster is not None:
+            # Counted wherever the players are, through the shared store.
+            return self.cluster.push(player_ids, route, data,
+                                     persist).addCallback(self._counted)
         template = PushTemplate(route, data, self._clock.seconds())
         result = PushResult()
         players = []
@@ -278,13 +407,29 @@ class PlayerManager:
         if self._metrics is not None:
             self._metrics.pushed(result)
 
+    def _counted(self, result):
+        self._count(result)
+        return result
+
     def broadcast(self, route, data):
         """
         A transient push to every online player, encoded once.
 
-        @return: how many sessions it went to.
+        @return: how many sessions it went to (with a shared store, a
+            L{Deferred} firing with that count over all gates).
         """
         message = PushTemplate(route, data, self._clock.seconds()).transient()
+        if self.cluster is not None:
+            return self.cluster.broadcast(message)
+        return self.broadcast_here(message)
+
+    def broadcast_here(self, message):
+        """
+        Send the L{gate.envelope.Outgoing} C{message} to every player online
+        on this gate.
+
+        @return: how many sessions it went to.
+        """
         n = 0
         for player in self.players.values():
             if player.session is not None:
@@ -294,21 +439,55 @@ class PlayerManager:
             self._metrics.broadcast(n)
         return n
 
-    def kick(self, player_id, reason, msg):
+    def kick(self, player_id, reason, msg, ban_seconds=None):
         """
-        @return: whether the player had a session here to kick.
+        @param ban_seconds: when given, also ban the player for that long
+            and revoke its resume tokens (see L{gate.bans.Bans}), whether
+            or not it has a session here.
+        @return: whether the player had a session here to kick (with a
+            shared store, for a player not online here: a L{Deferred} firing
+            with whether its gate got the kick).
         """
+        if ban_seconds is not None:
+            self.bans.ban(player_id, self._clock.seconds() + ban_seconds)
+            self.log.info("player {player_id} banned for {seconds}s",
+                          player_id=player_id, seconds=ban_seconds)
         player = self.players.get(player_id)
         if player is None or player.session is None:
+            if self.cluster is not None:
+                return self.cluster.kick(player_id, reason, msg)
             return False
         player.session.kick(reason, msg)
         return True
+
+    def reconnect(self, player_id, addr, reason):
+        """
+        Tell the player's session on this gate to reconnect to C{addr} (see
+        L{gate.session.Session.send_reconnect}); at once, one player needs
+        no jitter.
+
+        @param addr: an address, or a dict of transport name to address
+            with C{"*"} for the others (L{gate.drain.check_target}).
+        @return: whether a session on this gate got it (not when the player
+            is offline, unknown here, or its session is already moving);
+            with a shared store, for a player not online here, a
+            L{Deferred} firing with whether its gate got it.
+        """
+        player = self.players.get(player_id)
+        if player is None or player.session is None:
+            if self.cluster is not None:
+                return self.cluster.reconnect(player_id, addr, reason)
+            return False
+        return player.session.send_reconnect(addr, reason)
 
     def info(self, player_id):
         """
         @return: L{Deferred} firing with the push API's player record or
             C{None}.
         """
+        if self.cluster is not None:
+            # The shared directory knows players of every gate.
+            return self.cluster.info(player_id)
         player = self.players.get(player_id)
         if player is None:
             return succeed(None)

@@ -17,19 +17,26 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogPublisher
 from twisted.web.server import Site
 
-from gate.api import APIResource, APISite
+from gate.api import API_DEPTH_ALLOWANCE, APIResource, APISite
+from gate.audit import MemoryAuditLog
 from gate.backend import HTTPBackend
+from gate.cluster import Cluster
+from gate.drain import Drainer, NotRunning
+from gate.balancer import BackendSet
 from gate.events import EventSender
 from gate.health import health_site
+from gate.keys import load_or_create
 from gate.logs import JSONLineObserver, set_gate_id
 from gate.metrics import Metrics
 from gate.player import PlayerManager
 from gate.registration import Registrar
+from gate.secure_tcp import GateSecureTCPFactory
 from gate.session import SessionManager
 from gate.tcp import GateTCPFactory
 from gate.tokens import Tokens
 from gate.websocket import WS_PATH, GateWebSocketFactory
 from gate.workers import WorkerPool
+from mmogate_plugins.postgres import PostgresStore
 
 #: Where the in-process reference backend listens (port chosen by the OS).
 REFERENCE_BACKEND_ENDPOINT = "tcp:0:interface=127.0.0.1"
@@ -152,9 +159,39 @@ class GateService(MultiService):
         self.config = config
         self.reactor = reactor
         self.gate_id = config["gate.id"]
+        #: The Ed25519 key signing encrypted-channel handshakes, if enabled;
+        #: loaded first, so that a bad key file stops start-up before
+        #: anything else is built.
+        self.channel_key = (load_or_create(config["encrypt.key_file"])
+                            if config["listen.tcp_secure"] else None)
         self.metrics = Metrics(self.gate_id)
         self.tokens = Tokens(config["auth.secret"], reactor,
                              config["auth.resume_ttl"])
+        #: PostgreSQL (store.postgres_dsn): the durable mailbox and the
+        #: audit log. The first child service: it migrates the schema
+        #: before any listener binds, and closes its pool last.
+        self.postgres = None
+        if config["store.postgres_dsn"]:
+            self.postgres = PostgresStore(reactor, config,
+                                          self.metrics.registry)
+            self.postgres.setServiceParent(self)
+            if mailboxes is None:
+                mailboxes = self.postgres.mailboxes
+        self.audit = (self.postgres.audit if self.postgres is not None
+                      else MemoryAuditLog(config["store.audit_max"]))
+        #: The Redis store (store.kind = redis): directory, mailboxes and
+        #: the bus to the other gates, routed by self.cluster.
+        self.store = None
+        if config["store.kind"] == "redis":
+            from mmogate_plugins.redis import RedisStore
+            self.store = RedisStore.from_config(reactor, config)
+            if directory is None:
+                directory = self.store
+            if mailboxes is None or (self.postgres is not None and mailboxes
+                                     is self.postgres.mailboxes):
+                # Redis numbers, stores and routes the pushes of every
+                # gate in one step (docs/cluster.md).
+                mailboxes = self.store
         if mailboxes is None or directory is None:
             from mmogate_plugins.memory import (MemoryMailboxStore,
                                                 MemoryPlayerDirectory)
@@ -168,7 +205,13 @@ class GateService(MultiService):
             self.metrics.watch_mailboxes(mailboxes.total)
         self.reference = None
         self.listeners = {}
-        if backend is None:
+        if backend is None and config["backend.urls"]:
+            # Several backends: balanced, probed and broken per backend; a
+            # service here so that its health probes run while the gate does.
+            backend = BackendSet.from_config(reactor, config, self.gate_id,
+                                             self.metrics)
+            backend.setServiceParent(self)
+        elif backend is None:
             backend = HTTPBackend(reactor, config["backend.url"], self.gate_id,
                                   config["backend.timeout"],
                                   config["backend.secret"],
@@ -189,13 +232,24 @@ class GateService(MultiService):
         self.players = PlayerManager(reactor, self.gate_id, directory,
                                      mailboxes, self.events,
                                      config["player.idle_timeout"],
-                                     self.metrics)
+                                     self.metrics,
+                                     token_ttl=config["auth.resume_ttl"])
         self.sessions = SessionManager(reactor, config, self.players,
                                        self.pool, backend, self.tokens,
                                        self.metrics)
+        self.cluster = None
+        if self.store is not None:
+            self.cluster = Cluster(reactor, self.gate_id, self.store,
+                                   self.players, self.sessions,
+                                   config["player.idle_timeout"],
+                                   config["store.gate_ttl"])
+        self.players.audit = self.sessions.audit = self.audit
         self._listen("api", config["listen.api"],
-                     APISite(APIResource(self, config["api.key"]),
-                             config["api.max_body"]))
+                     APISite(APIResource(self, config["api.key"],
+                                         config["session.max_depth"]
+                                         + API_DEPTH_ALLOWANCE),
+                             config["api.max_body"],
+                             config["api.request_timeout"]))
         if config["listen.metrics"]:
             self._listen("metrics", config["listen.metrics"],
                          health_site(self))
@@ -209,12 +263,32 @@ class GateService(MultiService):
                          GateWebSocketFactory(self.sessions,
                                               config["session.max_frame"],
                                               reactor,
-                                              config["session.max_outbuf"]))
+                                              config["session.max_outbuf"],
+                                              min(10.0, config[
+                                                  "session.login_timeout"])))
+        if config["listen.tcp_secure"]:
+            self._listen("tcp_secure", config["listen.tcp_secure"],
+                         GateSecureTCPFactory(
+                             self.sessions, config["session.max_frame"],
+                             reactor, self.channel_key,
+                             max_outbuf=config["session.max_outbuf"],
+                             rekey_frames=config["encrypt.rekey_frames"],
+                             rekey_seconds=config["encrypt.rekey_seconds"],
+                             handshake_timeout=config[
+                                 "session.login_timeout"]))
         self.registrar = Registrar(reactor, backend, self.gate_id,
                                    config["backend.register_interval"],
                                    self.describe)
         self.registrar.setName("registrar")
         self.registrar.setServiceParent(self)
+        #: C{up}, C{draining} or C{down}, as announced to backends.
+        self.state = "up"
+        self.metrics.state("up")
+        self.drainer = Drainer(reactor, self.sessions, config["drain.jitter"])
+        #: Called once a drain is over: stops this service; C{twistd}
+        #: (L{gate.tap}) makes it stop the reactor, as SIGTERM does, so the
+        #: process exits 0.
+        self.when_drained = self.stopService
         self._json_log = None
         self._stopping = None
 
@@ -247,16 +321,29 @@ class GateService(MultiService):
         api_url = self.config["gate.api_url"]
         if not api_url:
             host, port = self.address("api")
-            api_url = f"http://{_public_host(host)}:{port}"
+            scheme = "https" if self._tls("api") else "http"
+            api_url = f"{scheme}://{_public_host(host)}:{port}"
         listen = list(self.config["gate.advertise"])
         if not listen:
             if "tcp" in self.listeners:
                 host, port = self.address("tcp")
-                listen.append(f"tcp://{_public_host(host)}:{port}")
+                scheme = "tls" if self._tls("tcp") else "tcp"
+                listen.append(f"{scheme}://{_public_host(host)}:{port}")
             if "ws" in self.listeners:
                 host, port = self.address("ws")
-                listen.append(f"ws://{_public_host(host)}:{port}{WS_PATH}")
+                scheme = "wss" if self._tls("ws") else "ws"
+                listen.append(f"{scheme}://{_public_host(host)}:{port}"
+                              f"{WS_PATH}")
+            if "tcp_secure" in self.listeners:
+                host, port = self.address("tcp_secure")
+                listen.append(f"tcp+enc://{_public_host(host)}:{port}")
         return api_url, listen
+
+    def _tls(self, name):
+        """
+        Whether listener C{name} speaks TLS (an C{ssl:} endpoint string).
+        """
+        return self.listeners[name].description.split(":", 1)[0] == "ssl"
 
     def privilegedStartService(self):
         # Listeners bind here, in the order added: the reference backend
@@ -288,6 +375,8 @@ class GateService(MultiService):
                 listener.privilegedStartService()
         self._wire_reference()
         MultiService.startService(self)
+        if self.cluster is not None:
+            self.cluster.start()
         self.log.info("gate {gate_id} started", gate_id=self.gate_id)
 
     def not_ready_because(self):
@@ -296,11 +385,55 @@ class GateService(MultiService):
         """
         if not self.running:
             return "not running"
+        if self.drainer.draining:
+            return "draining"
         if not self.sessions.accepting:
             return "not accepting clients"
         if getattr(self.backend, "reachable", None) is False:
             return "backend unreachable"
+        if self.store is not None and not self.store.reachable:
+            return "store unreachable"
+        if (self.postgres is not None and not self.postgres.reachable
+                and self.players.mailboxes is self.postgres.mailboxes):
+            # (The audit log alone waits for it in a bounded buffer.)
+            return f"PostgreSQL unreachable: {self.postgres.problem}"
         return None
+
+    def drain(self, target, deadline=None):
+        """
+        C{POST /v1/drain}: refuse new clients, tell every session to
+        reconnect to C{target} (spread over C{drain.jitter} seconds), and
+        stop once no session is left or C{deadline} seconds have passed
+        (default C{drain.deadline}); the sessions left then are kicked
+        C{shutdown} as in any stop.
+
+        @return: whether this call started the drain (C{False} when the gate
+            was already draining: the first drain goes on unchanged).
+        @raise NotRunning: the gate is stopping.
+        """
+        if not self.running or self._stopping is not None:
+            raise NotRunning("the gate is stopping")
+        if self.drainer.draining:
+            return False
+        if deadline is None:
+            deadline = self.config["drain.deadline"]
+        self.state = "draining"
+        self.metrics.state("draining")
+        self.log.info("gate {gate_id} draining to {target}, deadline "
+                      "{deadline}s", gate_id=self.gate_id, target=target,
+                      deadline=deadline)
+        announced = self.registrar.announce("draining")
+        self.drainer.drain(target, deadline).addCallback(self._drained,
+                                                         announced)
+        return True
+
+    def _drained(self, why, announced):
+        self.log.info("gate {gate_id} drained ({why}); stopping",
+                      gate_id=self.gate_id, why=why)
+        # After the 'draining' registration (bounded), so that 'down' does
+        # not overtake it; and not within the API call that began the drain.
+        _within(announced, 1.0, self.reactor).addCallback(
+            lambda _: self.reactor.callLater(0, self.when_drained))
 
     def stopService(self):
         if self._stopping is None:
@@ -320,8 +453,11 @@ class GateService(MultiService):
         self.log.info("gate {gate_id} stopping", gate_id=self.gate_id)
         # 1. Stop accepting.
         self.sessions.accepting = False
+        self.drainer.stop()
+        self.state = "down"
+        self.metrics.state("down")
         yield gatherResults([self.listeners[name].stopService()
-                             for name in ("tcp", "ws")
+                             for name in ("tcp", "ws", "tcp_secure")
                              if name in self.listeners])
         # 2. Tell each session, and wait for them to go.
         self.sessions.kick_all("shutdown", "the gate is shutting down")
@@ -334,6 +470,10 @@ class GateService(MultiService):
         self.events.stop()
         yield _within(self.registrar.announce("down"),
                       max(left(), min(1.0, grace)), clock)
+        # Leave the cluster once the sessions' releases are answered.
+        if self.cluster is not None:
+            yield _within(self.cluster.stop(), max(left(), min(1.0, grace)),
+                          clock)
         # 5. Everything else, in reverse order of starting.
         remaining = [s for s in reversed(list(self))
                      if s.running and s is not self]

@@ -15,8 +15,14 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from gate import envelope, errors
+from gate.audit import MemoryAuditLog
 from gate.errors import GateError, ProtocolViolation
+from gate.limits import ConnectionLimits, TokenBucket
 from gate.tokens import TokenError
+
+#: What a C{ping}, C{pong} or C{ack} costs of a session's rate allowance,
+#: in requests: they are cheap to serve, but not free.
+CHEAP_COST = 0.125
 
 
 class Session:
@@ -54,6 +60,15 @@ class Session:
         self._held_bytes = 0
         self._heartbeat = None
         self._pinged_for = None
+        self._login_timer = None
+        self._bucket = TokenBucket(manager.rate, manager.burst, clock)
+        self._strikes = 0
+        # send_reconnect: (addr, reason) from the moment the session is told
+        # to move; _moved once the envelope is out; _leave_call closes it
+        # drain.close_after seconds later.
+        self._moving = None
+        self._moved = False
+        self._leave_call = None
 
     @property
     def transport_name(self):
@@ -72,6 +87,7 @@ class Session:
         self._player = player
         if player is not None:
             self.last_player_id = player.player_id
+            self._stop_login_timer()
 
     @property
     def player_id(self):
@@ -85,18 +101,30 @@ class Session:
         """
         if self.closed or self.closing:
             return
-        self.last_recv = self._clock.seconds()
+        now = self.last_recv = self._clock.seconds()
         try:
-            env = envelope.parse(payload)
+            env = envelope.parse(payload, self.manager.max_depth)
         except ProtocolViolation as e:
             self.manager.bad_input(self, e.code)
             self.fail(e.code, e.msg)
             return
         except GateError as e:
+            rid = getattr(e, "id", None)
+            if not self._bucket.take(1.0, now):
+                self._rate_limited(rid, True)
+                return
+            if self._strikes:
+                self._strikes -= 1
             self.manager.bad_input(self, e.code)
-            self.send(envelope.err(getattr(e, "id", None), e.code, e.msg))
+            self.send(envelope.err(rid, e.code, e.msg))
             return
         kind = env.type
+        if not self._bucket.take(1.0 if kind in envelope.REQUEST_TYPES
+                                 else CHEAP_COST, now):
+            self._rate_limited(env.id, kind != "ack" and kind != "pong")
+            return
+        if self._strikes:
+            self._strikes -= 1
         if kind == "ping":
             self.send(envelope.message({"t": "pong", "ts": env["ts"]}))
         elif kind == "pong":
@@ -105,6 +133,12 @@ class Session:
             if self.player is not None:
                 self.manager.players.ack(self.player, env["seq"])
         else:
+            if self._moving is not None:
+                # Its lane must empty for the reconnect to go out.
+                self.send(envelope.err(env.id, errors.BUSY,
+                                       "this session is moving to another "
+                                       "gate (reconnect); send it there"))
+                return
             if len(self._lane) + self._running >= self.manager.max_inflight:
                 self.send(envelope.err(env.id, errors.BUSY,
                                        "too many requests in flight on this "
@@ -113,6 +147,28 @@ class Session:
             self._lane.append(env)
             if not self._running:
                 self._next()
+
+    def _rate_limited(self, rid, answer):
+        """
+        An envelope found the session's allowance (C{session.rate},
+        C{session.burst}) used up: answer C{rate_limited} (unless C{answer}
+        is false: an C{ack} or C{pong} over the rate is dropped) and count a
+        strike. Each envelope served takes a strike away (in L{receive}), so
+        a client that keeps sending more than twice the rate reaches
+        C{session.rate_strikes} and is closed, one that slows down is not.
+        """
+        self._strikes += 1
+        manager = self.manager
+        manager.bad_input(self, errors.RATE_LIMITED)
+        if self._strikes >= manager.rate_strikes:
+            manager.limited(self, "rate_limited")
+            self.fail(errors.RATE_LIMITED,
+                      f"too many envelopes over the rate of "
+                      f"{manager.rate:g} a second; closing")
+        elif answer:
+            self.send(envelope.err(rid, errors.RATE_LIMITED,
+                                   f"over the rate of {manager.rate:g} "
+                                   f"requests a second; slow down"))
 
     def frame_too_large(self, size, limit):
         self.manager.bad_input(self, errors.FRAME_TOO_LARGE)
@@ -132,6 +188,10 @@ class Session:
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None
+        self._stop_login_timer()
+        if self._leave_call is not None and self._leave_call.active():
+            self._leave_call.cancel()
+        self._leave_call = None
         self.manager.closed(self)
 
     # The request lane: one request of a session at a time, in order.
@@ -158,6 +218,8 @@ class Session:
     def _done(self, _):
         self._running = False
         self._next()
+        if self._moving is not None:
+            self._move_when_idle()
 
     # To the client.
 
@@ -186,6 +248,14 @@ class Session:
                 return
             self.delivered_seq = seq
         self.connection.send(outgoing)
+
+    @property
+    def holding(self):
+        """
+        Whether live pushes are held back: a bind or its replay is under
+        way.
+        """
+        return self._replaying
 
     @property
     def replaying(self):
@@ -232,6 +302,8 @@ class Session:
         """
         replay = self._replay
         if replay is None:
+            if self._moving is not None:
+                self._move_when_idle()
             return
         connection = self.connection
         while replay and not connection.paused:
@@ -253,6 +325,68 @@ class Session:
         self._held_bytes = 0
         for outgoing in held:
             self.push(outgoing)
+        if self._moving is not None:
+            self._move_when_idle()
+
+    # Moving to another gate (PROTOCOL.md section 2, reconnect).
+
+    @property
+    def moving(self):
+        """
+        Whether the session was told (or is about to be told) to reconnect.
+        """
+        return self._moving is not None
+
+    def send_reconnect(self, addr, reason):
+        """
+        Move the client to C{addr}: the requests already in its lane are
+        answered, what is queued for it is written, then C{reconnect} goes
+        out; the session is closed when the client leaves, or
+        C{drain.close_after} seconds after that. Requests it sends from now
+        on are answered C{busy}; pushes are still delivered (persistent ones
+        stay in the mailbox until acked, so a client that resumes elsewhere
+        with its C{last_seq} loses none).
+
+        @param addr: C{host:port} or a C{ws://}/C{wss://} URL, or a dict of
+            transport name to address with C{"*"} for the other transports
+            (see L{gate.drain.check_target}).
+        @return: whether this call told the session (not when it is closing,
+            closed, or already moving).
+        """
+        if self.closed or self.closing or self._moving is not None:
+            return False
+        if isinstance(addr, dict):
+            addr = addr.get(self.transport_name) or addr["*"]
+        self._moving = (addr, reason)
+        self._move_when_idle()
+        return True
+
+    def _move_when_idle(self):
+        if self._moved or self.closed or self.closing:
+            return
+        if self._running or self._lane or self._replaying \
+                or self.connection.paused:
+            return
+        addr, reason = self._moving
+        self._moved = True
+        self.connection.send(envelope.message(
+            {"t": "reconnect", "addr": addr, "reason": reason}))
+        self.manager.reconnect_sent(self, addr, reason)
+        self._leave_call = self._clock.callLater(self.manager.close_after,
+                                                 self._leave)
+
+    def _leave(self):
+        """
+        C{drain.close_after} passed since C{reconnect}: close quietly (the
+        client was told where to go).
+        """
+        self._leave_call = None
+        if self.closed or self.closing:
+            return
+        self.closing = True
+        self.manager.left(self)
+        self.manager.players.unbind(self)
+        self.connection.close()
 
     def kick(self, reason, msg):
         """
@@ -284,6 +418,26 @@ class Session:
         self.manager.players.unbind(self)
         self.connection.send(envelope.err(None, code, msg))
         self.connection.close()
+
+    # Login timeout: a connection must bind (login, auth or resume) in time.
+
+    def start_login_timer(self, timeout):
+        self._login_timer = self._clock.callLater(timeout, self._login_expired,
+                                                  timeout)
+
+    def _stop_login_timer(self):
+        timer, self._login_timer = self._login_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _login_expired(self, timeout):
+        self._login_timer = None
+        if self.closed or self.closing or self._player is not None:
+            return
+        self.manager.limited(self, "login_timeout")
+        self.fail(errors.NOT_AUTHENTICATED,
+                  f"not logged in (login, auth or resume) within "
+                  f"{timeout:g} seconds; closing")
 
     # Heartbeat: ping a quiet client at half the TTL, close it at the TTL.
 
@@ -332,12 +486,24 @@ class SessionManager:
         self.max_inflight = config["session.max_inflight"]
         self.max_outbuf = config["session.max_outbuf"]
         self.heartbeat_ttl = config["session.heartbeat_ttl"]
+        self.login_timeout = config["session.login_timeout"]
+        self.rate = config["session.rate"]
+        self.burst = config["session.burst"]
+        self.rate_strikes = config["session.rate_strikes"]
+        self.max_depth = config["session.max_depth"]
+        self.close_after = config["drain.close_after"]
+        #: Client connections of every client listener of this gate.
+        self.limits = ConnectionLimits(config["limits.max_connections"],
+                                       config["limits.max_per_ip"])
         self.players = players
         self.pool = pool
         self.backend = backend
         self.tokens = tokens
         self._metrics = metrics
         self.sessions = {}
+        #: The session audit log (an L{IAuditLog}); the service sets the
+        #: one it shares with the player manager.
+        self.audit = MemoryAuditLog()
         self.accepting = True
         self._empty_waiters = []
 
@@ -350,7 +516,9 @@ class SessionManager:
         session_id = secrets.token_hex(8)
         session = Session(self, connection, session_id, self._clock)
         self.sessions[session_id] = session
+        self._audit("connect", session, None)
         session.start_heartbeat(self.heartbeat_ttl)
+        session.start_login_timer(self.login_timeout)
         if self._metrics is not None:
             self._metrics.session_opened(connection.transport_name)
         self.log.debug("session {session_id} opened from {peer} over "
@@ -361,6 +529,7 @@ class SessionManager:
 
     def closed(self, session):
         self.sessions.pop(session.id, None)
+        self._audit("disconnect", session, session.last_player_id)
         if self._metrics is not None:
             self._metrics.session_closed(session.transport_name)
         self.log.debug("session {session_id} of player {player_id} closed",
@@ -372,7 +541,12 @@ class SessionManager:
             for d in waiters:
                 d.callback(None)
 
+    def _audit(self, event, session, player_id, reason=None):
+        self.audit.record(event, player_id, session.id, self.gate_id,
+                          session.peer, reason, self._clock.seconds())
+
     def kicked(self, session, reason):
+        self._audit("kick", session, session.last_player_id, reason)
         if self._metrics is not None:
             self._metrics.kicked(reason)
         self.log.info("session {session_id} of player {player_id} kicked: "
@@ -382,6 +556,37 @@ class SessionManager:
     def bad_input(self, session, code):
         if self._metrics is not None:
             self._metrics.bad_input(code)
+
+    def limited(self, session, reason):
+        """
+        C{session} is closed by a limit (C{login_timeout}, C{rate_limited}).
+        """
+        if self._metrics is not None:
+            self._metrics.session_limited(reason)
+        self.log.info("session {session_id} from {peer} closed: {reason}",
+                      session_id=session.id, peer=session.peer, reason=reason)
+
+    def reconnect_sent(self, session, addr, reason):
+        if self._metrics is not None:
+            self._metrics.reconnect_sent(reason)
+        self.log.info("session {session_id} of player {player_id} told to "
+                      "reconnect to {addr} ({reason})", session_id=session.id,
+                      player_id=session.last_player_id, addr=addr,
+                      reason=reason)
+
+    def left(self, session):
+        self.log.info("session {session_id} of player {player_id} closed: "
+                      "still here drain.close_after seconds after reconnect",
+                      session_id=session.id, player_id=session.last_player_id)
+
+    def refused(self, reason, host):
+        """
+        A connection from C{host} was refused by L{ConnectionLimits}.
+        """
+        if self._metrics is not None:
+            self._metrics.connection_refused(reason)
+        self.log.debug("connection from {host} refused: {reason}", host=host,
+                       reason=reason)
 
     # Serving envelopes.
 
@@ -398,6 +603,7 @@ class SessionManager:
 
         def logged_in(result):
             player_id, data = result
+            self._refuse_banned(player_id)
             self._observe("login", "ok", started)
             return self._bind(session, env.id, player_id, data)
 
@@ -413,37 +619,51 @@ class SessionManager:
             player_id = self.tokens.player_of_auth_token(env["token"])
         except TokenError as e:
             raise GateError(errors.AUTH_FAILED, f"token rejected: {e}")
+        self._refuse_banned(player_id)
         return self._bind(session, env.id, player_id, None)
 
     def _resume(self, session, env):
         player_id = env["player_id"]
+        self._refuse_banned(player_id)
         try:
-            claims = self.tokens.check_resume_token(env["resume_token"],
-                                                    player_id)
+            claims = self.tokens.check_resume_token(
+                env["resume_token"], player_id,
+                revoked_before=self.players.bans.revoked_before(player_id))
         except TokenError as e:
             raise GateError(errors.RESUME_REJECTED, f"resume token rejected: {e}")
-        player = self.players.get(player_id)
-        if player is None:
+        epoch = claims.get("ep")
+        if not epoch:
             raise GateError(errors.RESUME_REJECTED,
-                            "no such player here (expired or never seen)")
-        if claims.get("ep") != player.epoch:
-            raise GateError(errors.RESUME_REJECTED,
-                            "the player expired since this token was issued")
+                            "the token names no incarnation of the player")
+        # The directory checks the incarnation as it claims (on any gate):
+        # a player expired or never seen is rejected there.
         return self._bind(session, env.id, player_id, None,
-                          replay_after=env["last_seq"])
+                          replay_after=env["last_seq"], epoch=epoch)
 
-    def _bind(self, session, rid, player_id, data, replay_after=None):
+    def _refuse_banned(self, player_id):
+        if self.players.bans.banned(player_id):
+            raise GateError(errors.AUTH_FAILED,
+                            f"player {player_id[:64]!r} is banned for now")
+
+    def _bind(self, session, rid, player_id, data, replay_after=None,
+              epoch=None):
         """
         Bind, answer C{resp}, and for a resume send the mailbox after
         C{replay_after}; live pushes wait until all of that is written.
         """
         session.begin_replay()
         mailboxes = self.players.mailboxes
-        d = self.players.bind(session, player_id)
+        d = self.players.bind(session, player_id, epoch)
 
         def bound(player):
             if player is None:
                 return (None, [])
+            if self.players.bans.banned(player_id):
+                # Banned while the bind was under way.
+                self.players.unbind(session)
+                self._refuse_banned(player_id)
+            self._audit("login" if replay_after is None else "resume",
+                        session, player_id)
             last = mailboxes.last_seq(player_id)
 
             def answer(last_seq):

@@ -6,9 +6,11 @@ import signal
 import sys
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from gate.config import SCHEMA, ConfigError, load
+from gate.keys import load_or_create, public_key_b64
 
 
 def keys_table():
@@ -54,6 +56,11 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
     ]
+    optFlags = [
+        ["public-key", None, "Print the base64 Ed25519 public key of "
+         "encrypt.key_file (creating the key if missing), for clients to "
+         "pin, and exit."],
+    ]
 
     def opt_keys(self):
         """
@@ -69,6 +76,13 @@ class Options(usage.Options):
             # One line naming the key, and a non-zero exit: twistd would
             # otherwise print the whole usage text around it.
             raise SystemExit(f"mmogate: configuration error: {e}")
+        if self["public-key"]:
+            try:
+                key = load_or_create(self.gate_config["encrypt.key_file"])
+            except ConfigError as e:
+                raise SystemExit(f"mmogate: configuration error: {e}")
+            print(public_key_b64(key))
+            sys.exit(0)
 
 
 class SigtermIsAStop(Service):
@@ -93,13 +107,28 @@ class SigtermIsAStop(Service):
     def _terminate(self, signum, frame):
         self._reactor.callFromThread(self._reactor.stop)
 
+    def stop(self):
+        """
+        Stop the process as SIGTERM does, from the reactor thread: a
+        drained gate ends this way (exit status 0).
+        """
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
+
 
 def makeService(options):
     from twisted.internet import reactor
 
     from gate.service import GateService
     top = MultiService()
-    gate = GateService(options.gate_config, reactor)
+    try:
+        gate = GateService(options.gate_config, reactor)
+    except ConfigError as e:  # encrypt.key_file unusable
+        raise SystemExit(f"mmogate: configuration error: {e}")
     gate.setServiceParent(top)
-    SigtermIsAStop(reactor).setServiceParent(top)
+    stopper = SigtermIsAStop(reactor)
+    stopper.setServiceParent(top)
+    gate.when_drained = stopper.stop
     return top

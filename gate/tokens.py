@@ -9,6 +9,7 @@ neither kind can stand in for the other.
 import jwt
 
 RESUME_AUDIENCE = "mmogate:resume"
+_INF = float("inf")
 _ALGORITHMS = ["HS256"]
 
 
@@ -39,6 +40,10 @@ class Tokens:
         options = {"verify_exp": False, "verify_iat": False,
                    "verify_nbf": False, "require": ["exp", "sub"],
                    "verify_aud": audience is not None}
+        if not token.isascii():
+            # A compact JWT is base64url and dots; PyJWT would fail to
+            # encode a lone surrogate with an error of its own.
+            raise TokenError("a token is ASCII text")
         try:
             return jwt.decode(token, self._key, algorithms=_ALGORITHMS,
                               audience=audience, options=options)
@@ -50,8 +55,10 @@ class Tokens:
         if not isinstance(sub, str) or not sub:
             raise TokenError("'sub' must be a non-empty string")
         exp = claims["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
-            raise TokenError("'exp' must be a number")
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) \
+                or exp != exp or exp == _INF:
+            # NaN compares false with everything: it would never expire.
+            raise TokenError("'exp' must be a finite number")
         if exp <= self._now():
             raise TokenError("token has expired")
         return sub
@@ -74,18 +81,28 @@ class Tokens:
             checked on resume.
         """
         now = self._now()
+        # iat to the clock's precision: a ban revokes the tokens issued up
+        # to its own time, not up to the end of that second.
         claims = {"sub": player_id, "aud": RESUME_AUDIENCE,
-                  "iat": int(now), "exp": int(now + self._resume_ttl)}
+                  "iat": now, "exp": int(now + self._resume_ttl)}
         if epoch is not None:
             claims["ep"] = epoch
         return jwt.encode(claims, self._key, algorithm="HS256")
 
-    def check_resume_token(self, token, player_id):
+    def check_resume_token(self, token, player_id, revoked_before=None):
         """
+        @param revoked_before: tokens issued at or before this time are
+            revoked (L{gate.bans.Bans.revoked_before}).
         @return: the token's claims.
         @raise TokenError: unless it is a valid resume token of C{player_id}.
         """
         claims = self._verified(token, audience=RESUME_AUDIENCE)
         if self._player(claims) != player_id:
             raise TokenError("resume token is for another player")
+        if revoked_before is not None:
+            iat = claims.get("iat")
+            if isinstance(iat, bool) or not isinstance(iat, (int, float)) \
+                    or not iat > revoked_before:  # NaN is revoked too
+                raise TokenError("resume token was revoked (the player was "
+                                 "kicked with a ban)")
         return claims

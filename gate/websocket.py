@@ -7,11 +7,13 @@ logic.
 from autobahn.twisted.websocket import (WebSocketServerFactory,
                                         WebSocketServerProtocol)
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import ISSLTransport
 from zope.interface import implementer
 
 from gate.connection import (ClosingTimer, OutputFlow, SessionFactory,
                              peer_of)
 from gate.interfaces import IClientConnection
+from gate.limits import HTTPRefusal
 
 WS_PATH = "/ws"
 
@@ -23,6 +25,26 @@ MAX_HANDSHAKE = 16384
 class GateWebSocketProtocol(WebSocketServerProtocol):
     transport_name = "ws"
     session = None
+    _handshake_call = None
+
+    def connectionMade(self):
+        WebSocketServerProtocol.connectionMade(self)
+        # The opening handshake must be done this long after connecting,
+        # however slowly it trickles in. Not autobahn's openHandshakeTimeout:
+        # that rounds to whole seconds of the wall clock.
+        self._handshake_call = self.factory.clock.callLater(
+            self.factory.handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self):
+        self._handshake_call = None
+        if self.state == self.STATE_CONNECTING:
+            self.factory.sessions.bad_input(None, "handshake_timeout")
+            self.transport.abortConnection()
+
+    def _cancel_handshake_timer(self):
+        call, self._handshake_call = self._handshake_call, None
+        if call is not None and call.active():
+            call.cancel()
 
     def dataReceived(self, data):
         # autobahn buffers the opening handshake without a limit and
@@ -41,6 +63,9 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         return None
 
     def onOpen(self):
+        self._cancel_handshake_timer()
+        if ISSLTransport.providedBy(self.transport):
+            self.transport_name = "ws+tls"
         self.peer = peer_of(self.transport)
         self._closer = ClosingTimer(self.factory.clock)
         self.session = self.factory.sessions.open(self)
@@ -61,6 +86,8 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         if call is not None:
             call.cancel()
             self.closeHandshakeTimeoutCall = None
+        self._cancel_handshake_timer()
+        self.factory.connection_lost(self)
         WebSocketServerProtocol.connectionLost(self, reason)
 
     def onClose(self, wasClean, code, reason):
@@ -118,16 +145,25 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
 class GateWebSocketFactory(SessionFactory, WebSocketServerFactory):
     """
     @param sessions: the L{gate.session.SessionManager}.
+    @param handshake_timeout: seconds the opening handshake may take
+        (the gate passes C{session.login_timeout}, at most 10).
     """
 
     protocol = GateWebSocketProtocol
 
-    def __init__(self, sessions, max_frame, clock, max_outbuf=1 << 20):
+    def __init__(self, sessions, max_frame, clock, max_outbuf=1 << 20,
+                 handshake_timeout=10.0):
         WebSocketServerFactory.__init__(self, server="mmogate")
         self.setup(sessions, max_frame, clock, max_outbuf)
+        self.handshake_timeout = handshake_timeout
         self.setProtocolOptions(maxMessagePayloadSize=max_frame,
                                 maxFramePayloadSize=max_frame,
-                                openHandshakeTimeout=10,
+                                # The protocol keeps its own (see
+                                # GateWebSocketProtocol.connectionMade).
+                                openHandshakeTimeout=0,
                                 # No HTML status page for plain HTTP GETs.
                                 webStatus=False,
                                 closeHandshakeTimeout=5)
+
+    def refusal(self, reason):
+        return HTTPRefusal(self.sessions.limits, self.clock, reason)

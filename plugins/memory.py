@@ -5,12 +5,14 @@ The default, so one gate runs with nothing else installed; it is lost when
 the process stops and is not shared between gates.
 """
 
+import secrets
+
 from twisted.internet.defer import succeed
 from zope.interface import implementer
 
-from gate.interfaces import IMailboxStore, IPlayerDirectory
+from gate.interfaces import IClusterBus, IMailboxStore, IPlayerDirectory
 from gate.mailbox import Mailbox
-from gate.player import Location
+from gate.player import Claim, Location
 
 
 @implementer(IMailboxStore)
@@ -80,25 +82,37 @@ class MemoryMailboxStore:
 @implementer(IPlayerDirectory)
 class MemoryPlayerDirectory:
     """
-    Player locations of this one gate.
+    Player locations of this one gate, with each player's incarnation
+    (C{epoch}), made when the player is first claimed and kept until it is
+    forgotten.
     """
 
     def __init__(self):
         self._players = {}
 
-    def claim(self, player_id, gate_id, session_id, now):
+    def claim(self, player_id, gate_id, session_id, now, epoch=None):
         previous = self._players.get(player_id)
-        self._players[player_id] = Location(player_id, gate_id, session_id, now)
+        if previous is None:
+            if epoch is not None:
+                return succeed(None)
+            current = secrets.token_hex(8)
+        elif epoch is not None and epoch != previous.epoch:
+            return succeed(None)
+        else:
+            current = previous.epoch
+        self._players[player_id] = Location(player_id, gate_id, session_id,
+                                            now, current)
         if previous is not None and previous.session_id is None:
             previous = None
-        return succeed(previous)
+        return succeed(Claim(previous, current, 0))
 
     def release(self, player_id, gate_id, session_id, now):
         current = self._players.get(player_id)
         if (current is None or current.session_id != session_id
                 or current.gate_id != gate_id):
             return succeed(False)
-        self._players[player_id] = Location(player_id, gate_id, None, now)
+        self._players[player_id] = current._replace(session_id=None,
+                                                    since=now)
         return succeed(True)
 
     def lookup(self, player_id):
@@ -106,4 +120,50 @@ class MemoryPlayerDirectory:
 
     def forget(self, player_id):
         self._players.pop(player_id, None)
+        return succeed(None)
+
+    def expire(self, player_id, gate_id, epoch):
+        current = self._players.get(player_id)
+        if (current is None or current.session_id is not None
+                or current.gate_id != gate_id or current.epoch != epoch):
+            return succeed(False)
+        del self._players[player_id]
+        return succeed(True)
+
+
+@implementer(IClusterBus)
+class MemoryClusterBus:
+    """
+    The bus of a gate alone: nothing to reach, so nothing is shared and the
+    player manager routes every push, kick and reconnect itself.
+    """
+
+    shared = False
+    reachable = True
+
+    def listen(self, gate_id, receiver):
+        return succeed(None)
+
+    def place(self, gate_id, player_ids, head, ts, persist):
+        return succeed([("unknown", 0) for _ in player_ids])
+
+    def send_to_player(self, player_id, op, payload):
+        return succeed(False)
+
+    def send_to_gate(self, gate_id, header, payload):
+        return succeed(False)
+
+    def broadcast(self, gate_id, payload):
+        return succeed({})
+
+    def heartbeat(self, gate_id, online):
+        return succeed(None)
+
+    def refresh(self, gate_id, players):
+        return succeed(["ok" for _ in players])
+
+    def info(self, player_id):
+        return succeed(None)
+
+    def stop(self, gate_id):
         return succeed(None)

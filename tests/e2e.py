@@ -54,12 +54,16 @@ def within(d, timeout, what):
     """
     C{d}, failing the test with a message naming C{what} when it has not
     fired after C{timeout} seconds of reactor time.
+
+    @param what: a string, or a callable returning one, called only on a
+        timeout (a message costly to build).
     """
     d.addTimeout(timeout, reactor)
 
     def timed_out(failure):
         failure.trap(TimeoutError)
-        raise FailTest(f"timed out after {timeout:g}s waiting for {what}")
+        text = what() if callable(what) else what
+        raise FailTest(f"timed out after {timeout:g}s waiting for {text}")
 
     return d.addErrback(timed_out)
 
@@ -193,9 +197,11 @@ class ClientMixin:
         """
         The next envelope received (strictly the next one).
         """
+        # The message is built on a timeout only: the repr of everything
+        # received, on every call, made reading long replays quadratic.
         return within(self.queue.get(), timeout,
-                      f"an envelope on {self.name} (received so far: "
-                      f"{self.received!r})")
+                      lambda: f"an envelope on {self.name} (received so "
+                              f"far: {self.received!r})")
 
     async def expect(self, predicate, timeout=TIMEOUT):
         """

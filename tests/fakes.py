@@ -246,8 +246,8 @@ class LateMailboxStore(LateAnswers):
 
 @implementer(IPlayerDirectory)
 class LateDirectory(LateAnswers):
-    def claim(self, player_id, gate_id, session_id, now):
-        return self._call("claim", player_id, gate_id, session_id, now)
+    def claim(self, player_id, gate_id, session_id, now, epoch=None):
+        return self._call("claim", player_id, gate_id, session_id, now, epoch)
 
     def release(self, player_id, gate_id, session_id, now):
         return self._call("release", player_id, gate_id, session_id, now)
@@ -257,6 +257,9 @@ class LateDirectory(LateAnswers):
 
     def forget(self, player_id):
         return self._call("forget", player_id)
+
+    def expire(self, player_id, gate_id, epoch):
+        return self._call("expire", player_id, gate_id, epoch)
 
 
 class FailingMailboxStore(MemoryMailboxStore):

@@ -63,6 +63,7 @@ class APITestCase(SynchronousTestCase):
         self.assertEqual(body["error"]["code"], code)
         self.assertIsInstance(body["error"]["msg"], str)
         self.assertEqual(self.last_headers["content-type"], "application/json")
+        return body
 
     def pushes(self, connection):
         return [m for m in connection.messages if m["t"] == "push"]
@@ -139,6 +140,27 @@ class BodyTests(APITestCase):
             + b"]" * 100000 + b"}"
         self.site.max_body = len(body)
         self.assertError(self.post("/v1/push", body), 400, "bad_request")
+
+    def test_max_depth(self):
+        """
+        Bodies nest at most C{max_depth} levels (64 unless the gate says
+        otherwise); brackets in strings do not count.
+        """
+        def push(depth):
+            data = "[" * (depth - 1) + "1" + "]" * (depth - 1)
+            return ('{"players": [], "route": "r", "data": %s}'
+                    % data).encode()
+        self.assertEqual(self.post("/v1/push", push(64))[0], 200)
+        answer = self.assertError(self.post("/v1/push", push(65)), 400,
+                                  "bad_request")
+        self.assertIn("64", answer["error"]["msg"])
+        site = APISite(APIResource(FakeGate(self.stack), API_KEY,
+                                   max_depth=3), self.max_body)
+        self.site = site
+        self.assertEqual(self.post("/v1/push", push(3))[0], 200)
+        self.assertError(self.post("/v1/push", push(4)), 400, "bad_request")
+        self.assertEqual(self.post("/v1/push", {"players": [], "route": "r",
+                                                "data": "[[[[[[{{{"})[0], 200)
 
     def test_push_shapes(self):
         good = {"players": ["a"], "route": "r", "data": 1}
@@ -350,8 +372,45 @@ class KickTests(APITestCase):
         for body in ([], {}, {"player_id": ""}, {"player_id": 5},
                      {"player_id": "x" * 257},
                      {"player_id": "a", "reason": 5},
-                     {"player_id": "a", "reason": "r" * 513}):
+                     {"player_id": "a", "reason": "r" * 513},
+                     {"player_id": "a", "ban_seconds": "60"},
+                     {"player_id": "a", "ban_seconds": True},
+                     {"player_id": "a", "ban_seconds": -1},
+                     {"player_id": "a", "ban_seconds": [1]},
+                     {"player_id": "a", "ban_seconds": 10 ** 12}):
             self.assertError(self.post("/v1/kick", body), 400, "bad_request")
+        self.assertFalse(self.stack.players.bans.banned("a"))
+        self.assertIsNone(self.stack.players.bans.revoked_before("a"))
+
+    def test_ban(self):
+        s1, c1, resp = self.stack.login("alice")
+        self.stack.clock.advance(1)
+        self.assertEqual(self.post("/v1/kick", {"player_id": "alice",
+                                                "reason": "cheating",
+                                                "ban_seconds": 30.5}),
+                         (200, {"kicked": True}))
+        self.assertTrue(c1.closed)
+        bans = self.stack.players.bans
+        self.assertTrue(bans.banned("alice"))
+        self.assertEqual(bans.revoked_before("alice"), 1)
+        self.stack.clock.advance(30.5)
+        self.assertFalse(bans.banned("alice"))
+
+    def test_ban_without_session(self):
+        self.assertEqual(self.post("/v1/kick", {"player_id": "ghost",
+                                                "ban_seconds": 60}),
+                         (200, {"kicked": False}))
+        self.assertTrue(self.stack.players.bans.banned("ghost"))
+        self.assertEqual(self.post("/v1/kick", {"player_id": "ghost",
+                                                "ban_seconds": 0}),
+                         (200, {"kicked": False}))
+        self.assertFalse(self.stack.players.bans.banned("ghost"))
+
+    def test_null_ban_is_none(self):
+        self.assertEqual(self.post("/v1/kick", {"player_id": "ghost",
+                                                "ban_seconds": None}),
+                         (200, {"kicked": False}))
+        self.assertIsNone(self.stack.players.bans.revoked_before("ghost"))
 
 
 class PlayerAndSessionTests(APITestCase):

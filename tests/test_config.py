@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gate import config
 from gate.config import (DEV_API_KEY, KEYS, SCHEMA, Config, ConfigError, Key,
                          _coerce, from_mapping, load)
+from tests.certs import make_pki
 
 REQUIRED = {"api": {"key": "k"}, "auth": {"secret": "s" * 32}}
 
@@ -300,6 +301,26 @@ class EndpointAndURLTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, from_mapping,
                               table(listen={"tcp": "tcp:bogus"}))
         self.assertTrue(str(e).startswith("listen.tcp:"), str(e))
+
+    def test_tls_endpoint_files(self):
+        """
+        C{ssl:} endpoints load their files at start-up: a missing or
+        mismatched key stops it with one line naming the key and the file.
+        """
+        pki, other = make_pki(self.mktemp()), make_pki(self.mktemp())
+        config = from_mapping(table(listen={"ws": pki.endpoint()}))
+        self.assertEqual(config["listen.ws"], pki.endpoint())
+        missing = self.mktemp()
+        for endpoint, why in [
+                (f"ssl:0:privateKey={missing}:certKey={pki.cert_file}",
+                 missing),
+                (f"ssl:0:privateKey={other.key_file}"
+                 f":certKey={pki.cert_file}", "do not match")]:
+            e = self.assertRaises(ConfigError, from_mapping,
+                                  table(listen={"ws": endpoint}))
+            self.assertTrue(str(e).startswith("listen.ws:"), str(e))
+            self.assertIn(why, str(e))
+            self.assertNotIn("\n", str(e))
 
     def test_bad_backend_url(self):
         for url in ("127.0.0.1:8000", "ftp://x/", "http://",

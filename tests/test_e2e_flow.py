@@ -111,7 +111,8 @@ class SlowConsumerTests(TestCase):
         up: what the gate holds for it stays bounded however much it sends,
         and the client's own writes end up stuck.
         """
-        gate = start_gate(self)
+        # Flow control alone: the rate limit would close this client first.
+        gate = start_gate(self, session={"rate": 1e9, "burst": 1 << 30})
         client = await connect_tcp(self, gate)
         await client.login("mallory")
         session = next(s for s in gate.sessions.sessions.values()

@@ -136,9 +136,70 @@ class ParseBadJSONTests(SynchronousTestCase):
     def test_huge_integer(self):
         self.assertBadJSON(b'{"t": "ack", "seq": ' + b"9" * 5000 + b"}")
 
+    def test_max_depth(self):
+        """
+        Nesting beyond C{max_depth} (the envelope itself is level 1) is
+        bad_json; brackets inside strings do not count.
+        """
+        def req(depth):
+            return (b'{"t": "req", "id": 1, "route": "r", "data": '
+                    + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}")
+        self.assertEqual(parse(req(32), max_depth=32).type, "req")
+        e = self.assertRaises(ProtocolViolation, parse, req(33),
+                              max_depth=32)
+        self.assertEqual(e.code, errors.BAD_JSON)
+        self.assertIn("32", e.msg)
+        mixed = b'{"t": "ping", "ts": "x", "a": [{"b": [{"c": {}}]}]}'
+        self.assertEqual(parse(mixed, max_depth=6).type, "ping")
+        self.assertRaises(ProtocolViolation, parse, mixed, max_depth=5)
+        text = b'{"t": "req", "id": 1, "route": "r", "data": "' \
+            + b"[{\\\"" * 1000 + b'"}'
+        self.assertEqual(parse(text, max_depth=2).type, "req")
+        # Without a limit only the decoder's recursion bounds it.
+        self.assertEqual(parse(req(200)).type, "req")
+        self.assertBadJSON(b"[" * 100000 + b"]" * 100000)
+        self.assertRaises(ProtocolViolation, parse,
+                          b"[" * 100000 + b"]" * 100000, max_depth=32)
+
     def test_trailing_garbage(self):
         self.assertBadJSON(b'{"t": "ping"} x')
         self.assertBadJSON(b'{"t": "ping"}{"t": "ping"}')
+
+
+class DepthTests(SynchronousTestCase):
+    """
+    L{envelope.too_deep}, which L{parse} and the push API use.
+    """
+
+    def test_depths(self):
+        for depth in range(1, 40):
+            data = raw(eval("[" * depth + "]" * depth))
+            self.assertEqual(envelope.too_deep(data, 32), depth > 32, depth)
+
+    def test_objects_and_arrays_alike(self):
+        data = raw({"a": [{"b": [{"c": [1, {"d": []}]}]}]})
+        self.assertFalse(envelope.too_deep(data, 8))
+        self.assertTrue(envelope.too_deep(data, 7))
+
+    def test_siblings_do_not_add_up(self):
+        data = raw([[[]] for _ in range(1000)])
+        self.assertFalse(envelope.too_deep(data, 3))
+        self.assertTrue(envelope.too_deep(data, 2))
+
+    def test_strings_ignored(self):
+        data = raw({"s": "[[[[{{{{" * 100, "e": "\\\"[[[", "u": "\u005b["})
+        self.assertFalse(envelope.too_deep(data, 1))
+        self.assertTrue(envelope.too_deep(raw([{"s": "]]]}}}"}]), 1))
+
+    def test_many_chains_at_the_limit(self):
+        """
+        Many chains as deep as allowed: each pass removes one level of all
+        of them.
+        """
+        chain = b"[" * 31 + b"1" + b"]" * 31
+        data = b"[" + b",".join([chain] * 1000) + b"]"
+        self.assertFalse(envelope.too_deep(data, 32))
+        self.assertTrue(envelope.too_deep(data, 31))
 
 
 class ParseBadRequestTests(SynchronousTestCase):

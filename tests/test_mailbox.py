@@ -4,13 +4,15 @@ retention by count and age, acks and the gaps a resuming client is told of
 (PROTOCOL.md section 3).
 """
 
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from gate.interfaces import IMailboxStore
 from gate.mailbox import Entry, Mailbox
 from mmogate_plugins.memory import MemoryMailboxStore
+from tests.mailbox_contract import MailboxStoreContract
 
 
 def seqs(entries):
@@ -270,3 +272,16 @@ class MemoryStoreTests(SynchronousTestCase):
             for i in range(5):
                 self.store.append([player], "r", i, 0.0)
         self.assertEqual(self.store.total(), 6)
+
+
+class MemoryStoreContractTests(MailboxStoreContract, TestCase):
+    """
+    The contract every mailbox store owes the gate
+    (L{tests.mailbox_contract}), for the in-memory one.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+
+    def make_store(self, max_entries, max_age):
+        return succeed(MemoryMailboxStore(self.clock, max_entries, max_age))

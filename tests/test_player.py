@@ -29,29 +29,55 @@ class MemoryDirectoryTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IPlayerDirectory, self.directory))
 
     def test_claim_new(self):
-        self.assertIsNone(self.result(self.directory.claim("a", "g", "s1", 1.0)))
+        """
+        The first claim makes the player's incarnation, kept by later
+        claims while the player lives.
+        """
+        claim = self.result(self.directory.claim("a", "g", "s1", 1.0))
+        self.assertIsNone(claim.previous)
+        self.assertTrue(claim.epoch)
         self.assertEqual(self.result(self.directory.lookup("a")),
-                         Location("a", "g", "s1", 1.0))
+                         Location("a", "g", "s1", 1.0, claim.epoch))
+        again = self.result(self.directory.claim("a", "g", "s2", 2.0))
+        self.assertEqual(again.epoch, claim.epoch)
 
     def test_claim_online_returns_previous(self):
-        self.directory.claim("a", "g1", "s1", 1.0)
-        self.assertEqual(self.result(self.directory.claim("a", "g2", "s2", 2.0)),
-                         Location("a", "g1", "s1", 1.0))
+        epoch = self.result(self.directory.claim("a", "g1", "s1", 1.0)).epoch
+        self.assertEqual(
+            self.result(self.directory.claim("a", "g2", "s2", 2.0)).previous,
+            Location("a", "g1", "s1", 1.0, epoch))
         self.assertEqual(self.result(self.directory.lookup("a")).session_id, "s2")
 
     def test_claim_offline_returns_none(self):
         self.directory.claim("a", "g", "s1", 1.0)
         self.directory.release("a", "g", "s1", 2.0)
-        self.assertIsNone(self.result(self.directory.claim("a", "g", "s2", 3.0)))
+        self.assertIsNone(
+            self.result(self.directory.claim("a", "g", "s2", 3.0)).previous)
+
+    def test_claim_with_epoch(self):
+        """
+        A resume's claim names the incarnation: it never creates a player
+        and fails for another incarnation.
+        """
+        self.assertIsNone(self.result(
+            self.directory.claim("a", "g", "s1", 1.0, "e0")))
+        self.assertIsNone(self.result(self.directory.lookup("a")))
+        epoch = self.result(self.directory.claim("a", "g", "s1", 1.0)).epoch
+        self.assertIsNone(self.result(
+            self.directory.claim("a", "g", "s2", 2.0, "other")))
+        self.assertEqual(self.result(self.directory.lookup("a")).session_id,
+                         "s1")
+        claim = self.result(self.directory.claim("a", "g", "s2", 2.0, epoch))
+        self.assertEqual(claim.epoch, epoch)
 
     def test_release(self):
-        self.directory.claim("a", "g", "s1", 1.0)
+        epoch = self.result(self.directory.claim("a", "g", "s1", 1.0)).epoch
         self.assertFalse(self.result(self.directory.release("a", "g", "s0", 2.0)))
         self.assertFalse(self.result(self.directory.release("a", "h", "s1", 2.0)))
         self.assertFalse(self.result(self.directory.release("b", "g", "s1", 2.0)))
         self.assertTrue(self.result(self.directory.release("a", "g", "s1", 2.0)))
         self.assertEqual(self.result(self.directory.lookup("a")),
-                         Location("a", "g", None, 2.0))
+                         Location("a", "g", None, 2.0, epoch))
         self.assertFalse(self.result(self.directory.release("a", "g", "s1", 3.0)))
 
     def test_forget(self):
@@ -59,6 +85,20 @@ class MemoryDirectoryTests(SynchronousTestCase):
         self.directory.forget("a")
         self.assertIsNone(self.result(self.directory.lookup("a")))
         self.result(self.directory.forget("never"))
+
+    def test_expire(self):
+        """
+        Only a player still offline, last on that gate and of that
+        incarnation is removed.
+        """
+        epoch = self.result(self.directory.claim("a", "g", "s1", 1.0)).epoch
+        self.assertFalse(self.result(self.directory.expire("a", "g", epoch)))
+        self.directory.release("a", "g", "s1", 2.0)
+        self.assertFalse(self.result(self.directory.expire("a", "h", epoch)))
+        self.assertFalse(self.result(self.directory.expire("a", "g", "old")))
+        self.assertTrue(self.result(self.directory.expire("a", "g", epoch)))
+        self.assertIsNone(self.result(self.directory.lookup("a")))
+        self.assertFalse(self.result(self.directory.expire("a", "g", epoch)))
 
 
 class PushResultTests(SynchronousTestCase):

@@ -804,7 +804,9 @@ class PushDeliveryTests(SynchronousTestCase):
 
 class HeartbeatTests(SynchronousTestCase):
     def setUp(self):
-        self.stack = Stack(session__heartbeat_ttl=60)
+        # Unbound sessions here: the login timeout must not close them.
+        self.stack = Stack(session__heartbeat_ttl=60,
+                           session__login_timeout=1000)
         self.session, self.connection = self.stack.connect()
         self.clock = self.stack.clock
 
@@ -943,7 +945,11 @@ class TCPProtocolTests(SynchronousTestCase):
         stack = Stack()
         factory = GateTCPFactory(stack.sessions, 100, stack.clock)
         stack.sessions.accepting = False
-        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "1.1.1.1", 1)))
+        protocol = factory.buildProtocol(IPv4Address("TCP", "1.1.1.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(stack.sessions.sessions, {})
 
 
 class _WSTransport(StringTransport):

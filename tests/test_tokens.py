@@ -155,6 +155,27 @@ class ResumeTokenTests(SynchronousTestCase):
         self.assertRaises(TokenError, self.tokens.check_resume_token, token,
                           "alice")
 
+    def test_revoked_before(self):
+        """
+        Tokens issued at or before a revocation time are refused; iat keeps
+        the clock's precision so one issued just after is not.
+        """
+        token = self.tokens.resume_token("alice")
+        self.clock.advance(0.25)
+        later = self.tokens.resume_token("alice")
+        self.tokens.check_resume_token(token, "alice", revoked_before=4999.9)
+        for revoked in (5000, 5000.1):
+            e = self.assertRaises(TokenError, self.tokens.check_resume_token,
+                                  token, "alice", revoked_before=revoked)
+            self.assertIn("revoked", str(e))
+        self.tokens.check_resume_token(later, "alice", revoked_before=5000.1)
+
+    def test_revoked_without_iat(self):
+        token = mint({"sub": "alice", "exp": 9000, "aud": RESUME_AUDIENCE})
+        self.tokens.check_resume_token(token, "alice")
+        self.assertRaises(TokenError, self.tokens.check_resume_token, token,
+                          "alice", revoked_before=0)
+
     def test_other_player(self):
         token = self.tokens.resume_token("alice")
         self.assertRaises(TokenError, self.tokens.check_resume_token, token,

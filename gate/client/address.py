@@ -1,6 +1,6 @@
 """
 Gate addresses: C{tcp://host:port}, C{tls://host:port}, C{ws://host:port/ws},
-C{wss://host:port/ws}, and the bare C{host:port} a gate may send in a
+C{wss://host:port/ws}, C{tcp+enc://host:port} (the encrypted channel), and the bare C{host:port} a gate may send in a
 C{reconnect} envelope; and the Twisted endpoint that reaches each.
 """
 
@@ -14,7 +14,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
-SCHEMES = ("tcp", "tls", "ws", "wss")
+SCHEMES = ("tcp", "tls", "ws", "wss", "tcp+enc")
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
 _PEM_END = b"-----END CERTIFICATE-----"
 
@@ -42,6 +42,14 @@ class Address:
     @property
     def secure(self):
         return self.scheme in ("tls", "wss")
+
+    @property
+    def encrypted_channel(self):
+        """
+        Whether this is the gate's own encrypted channel (PROTOCOL.md
+        section 8) over plain TCP, rather than TLS.
+        """
+        return self.scheme == "tcp+enc"
 
     @property
     def url(self):

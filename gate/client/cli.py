@@ -3,7 +3,7 @@ C{mmogate-client}: talk to a gate from a terminal or a script.
 
     mmogate-client ADDR (--login JSON | --name NAME | --token JWT)
                    [--send ROUTE JSON ...] [--watch] [--json]
-                   [--ca-file PEM] [--no-reconnect]
+                   [--ca-file PEM] [--gate-key BASE64] [--no-reconnect]
 
 It connects and binds, prints the C{resp}, sends each C{--send} in order
 printing its reply, and exits; with C{--watch} it then prints pushes until
@@ -182,8 +182,8 @@ def _parser():
                     "and print replies and pushes.")
     parser.add_argument("addr", metavar="ADDR",
                         help="tcp://host:port, tls://host:port, "
-                             "ws://host:port/ws, wss://host:port/ws or "
-                             "host:port (TCP)")
+                             "ws://host:port/ws, wss://host:port/ws, "
+                             "tcp+enc://host:port or host:port (TCP)")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--login", metavar="JSON",
                      help="login data for the backend, as JSON")
@@ -199,6 +199,9 @@ def _parser():
                         help="print one JSON object per line")
     parser.add_argument("--ca-file", metavar="PEM",
                         help="trust this CA for tls:// and wss://")
+    parser.add_argument("--gate-key", metavar="BASE64",
+                        help="for tcp+enc://: the gate's public key to pin "
+                             "(twistd mmogate --public-key prints it)")
     parser.add_argument("--no-reconnect", action="store_true",
                         help="exit instead of reconnecting when dropped")
     return parser
@@ -253,7 +256,8 @@ async def run(reactor, args, out=None, err=None, stdio=None, **client_args):
                             on_gap=printer.gap, on_kick=printer.kick,
                             on_state=on_state,
                             reconnect=not args.no_reconnect,
-                            ca_file=args.ca_file, **client_args)
+                            ca_file=args.ca_file, gate_key=args.gate_key,
+                            **client_args)
     except (ValueError, OSError) as e:
         printer.error(str(e))
         return 2

@@ -24,6 +24,8 @@ from gate.client.address import endpoint_for, load_trust_root, parse_address
 from gate.client.errors import GateError
 from gate.client.framing import DEFAULT_MAX_FRAME
 from gate.client.protocol import FramedFactory, IPayloadReceiver, websocket_factory
+from gate.client.secure import (DEFAULT_REKEY_FRAMES, SecureFramedFactory,
+                                parse_gate_key)
 
 #: Acks are coalesced: one every this many seconds at most, for the highest
 #: seq handed to the application. Sooner frees the gate's mailbox sooner;
@@ -215,14 +217,20 @@ class GateClient:
         ...).
 
     @param addr: C{tcp://host:port}, C{tls://host:port},
-        C{ws://host:port/ws} or C{wss://host:port/ws}; a bare C{host:port}
-        is TCP.
+        C{ws://host:port/ws}, C{wss://host:port/ws} or
+        C{tcp+enc://host:port} (the encrypted channel); a bare
+        C{host:port} is TCP.
     @param clock: the L{IReactorTime} for every timer (default: C{reactor}).
     @param ca_file: PEM file of the CA(s) to trust for C{tls}/C{wss}
         instead of the platform's store.
     @param connect_timeout: seconds allowed to connect and bind before an
         attempt is abandoned.
     @param max_frame: largest payload accepted from the gate.
+    @param gate_key: for C{tcp+enc://}: the gate's Ed25519 public key
+        (base64, as C{twistd mmogate --public-key} prints it) to pin; a
+        gate that proves another key is hung up on.
+    @param rekey_frames: for C{tcp+enc://}: frames sent under one key
+        before the client rotates its direction.
     @param endpoint_factory: C{(reactor, address) -> IStreamClientEndpoint},
         replacing the default TCP/TLS endpoints (proxies, tests).
     """
@@ -233,7 +241,8 @@ class GateClient:
                  on_push=None, on_gap=None, on_kick=None, on_state=None,
                  ping_interval=20.0, reconnect=True, max_backoff=30.0,
                  clock=None, ca_file=None, connect_timeout=30.0,
-                 max_frame=DEFAULT_MAX_FRAME, endpoint_factory=None):
+                 max_frame=DEFAULT_MAX_FRAME, endpoint_factory=None,
+                 gate_key=None, rekey_frames=DEFAULT_REKEY_FRAMES):
         if (login is None) == (token is None):
             raise ValueError("give exactly one of login= or token=")
         if token is not None and not (isinstance(token, str) and token):
@@ -252,6 +261,13 @@ class GateClient:
         self._max_backoff = max_backoff
         self._connect_timeout = connect_timeout
         self._max_frame = max_frame
+        if gate_key is not None and not self._address.encrypted_channel:
+            raise ValueError("gate_key is for tcp+enc:// addresses")
+        self._gate_key = (parse_gate_key(gate_key) if gate_key is not None
+                          else None)
+        if not (isinstance(rekey_frames, int) and rekey_frames >= 1):
+            raise ValueError("rekey_frames must be an integer >= 1")
+        self._rekey_frames = rekey_frames
         if endpoint_factory is None:
             trust = load_trust_root(ca_file) if ca_file else None
             endpoint_factory = partial(endpoint_for, trust_root=trust,
@@ -388,6 +404,9 @@ class GateClient:
         if link.address.websocket:
             return websocket_factory(self._reactor, link.address.url, link,
                                      self._max_frame, self._connect_timeout)
+        if link.address.encrypted_channel:
+            return SecureFramedFactory(link, self._max_frame, self._gate_key,
+                                       self._rekey_frames)
         return FramedFactory(link, self._max_frame)
 
     def _dial(self, address):

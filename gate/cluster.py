@@ -1,0 +1,399 @@
+"""
+Many gates as one: the routing between a gate's L{PlayerManager} and an
+L{IClusterBus} shared with other gates (the Redis store).
+
+A gate alone has no L{Cluster}: its player manager routes everything
+itself. With a shared store every push, broadcast, kick, reconnect and
+player lookup goes through the store, which knows the players of every
+gate, and each gate carries out what reaches its channel for its own
+sessions:
+
+  - C{push}: a push numbered and stored in the store, for sessions here
+    (by session id, so a session whose claim is still being answered gets
+    it too, held until its bind is answered);
+  - C{broadcast}: a transient push for every session here;
+  - C{kick}, C{reconnect}: for the player's session here;
+  - C{kick_session}: the player was claimed on another gate; the session
+    here is kicked C{replaced} without going offline (the player lives on
+    there).
+
+The cluster also keeps this gate's heartbeat (with its online count) and
+its players' entries alive, and resynchronises after an outage of the
+store: releases and expiries that failed are done again, every entry of a
+player here is checked (re-claimed, put back if the store lost it, or let
+go if the player was claimed elsewhere meanwhile), and sessions are sent the
+pushes they may have missed while the bus was down. What this guarantees:
+C{docs/cluster.md}.
+"""
+
+import json
+
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from gate import errors
+from gate.envelope import Outgoing, encode
+from gate.errors import GateError
+from gate.player import PushResult
+
+#: What clients and the push API are told while the store is away.
+UNREACHABLE = "the shared player store is unreachable; try again shortly"
+
+
+class StoreUnavailable(GateError):
+    """
+    The shared store did not answer: a client's login, auth or resume is
+    answered C{internal}, a push API call C{503 unavailable}, both with
+    this message.
+    """
+
+    def __init__(self, msg=UNREACHABLE):
+        GateError.__init__(self, errors.INTERNAL, msg)
+
+    def __str__(self):
+        return self.msg
+
+
+class RemotePush:
+    """
+    A push as it arrives from the bus: the envelope's bytes without the
+    closing brace (L{gate.envelope.PushTemplate}), its seq spliced in per
+    player and the transient message shared.
+    """
+
+    __slots__ = ("_head", "_transient")
+
+    def __init__(self, head):
+        self._head = head
+        self._transient = None
+
+    def transient(self):
+        if self._transient is None:
+            self._transient = Outgoing(self._head + b"}")
+        return self._transient
+
+    def with_seq(self, seq):
+        return Outgoing(b"%s,\"seq\":%d}" % (self._head, seq), seq=seq)
+
+
+class Cluster:
+    """
+    Routes through a shared store for one gate, and serves what other gates
+    send it.
+
+    @param bus: the L{IClusterBus} (a shared one).
+    @param players: the gate's L{gate.player.PlayerManager}.
+    @param sessions: the gate's L{gate.session.SessionManager}.
+    @param idle_timeout: C{player.idle_timeout}: entries of online players
+        are refreshed every quarter of it (at least every minute).
+    @param gate_ttl: C{store.gate_ttl}: the heartbeat goes every third.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, gate_id, bus, players, sessions, idle_timeout,
+                 gate_ttl):
+        self._clock = clock
+        self.gate_id = gate_id
+        self.bus = bus
+        self.players = players
+        self.sessions = sessions
+        players.cluster = self
+        self.heartbeat_interval = gate_ttl / 3
+        self.refresh_interval = min(60.0, max(0.5, idle_timeout / 4))
+        #: Releases and expiries the store did not confirm: done again when
+        #: it is back.
+        self.releases = set()
+        self.expiries = {}
+        self._loops = []
+
+    def start(self):
+        self.bus.listen(self.gate_id, self)
+        for interval, work in ((self.heartbeat_interval, self.heartbeat),
+                               (self.refresh_interval, self.refresh)):
+            loop = LoopingCall(self._quietly, work)
+            loop.clock = self._clock
+            loop.start(interval, now=False)
+            self._loops.append(loop)
+
+    def stop(self):
+        """
+        Leave the cluster once what was sent (the releases of the sessions
+        that closed) is answered; disconnect.
+        """
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        return self.bus.stop(self.gate_id)
+
+    def _quietly(self, work):
+        if not self.bus.reachable:
+            return None
+        return work().addErrback(self._warn, work.__name__)
+
+    def _warn(self, failure, what):
+        self.log.warn("cluster {what} failed: {error}", what=what,
+                      error=failure.getErrorMessage())
+
+    def _unreachable(self):
+        return fail(StoreUnavailable())
+
+    # What this gate asks of the others.
+
+    def push(self, player_ids, route, data, persist):
+        """
+        L{gate.player.PlayerManager.push} for a shared store.
+        """
+        if not self.bus.reachable:
+            return self._unreachable()
+        ts = self._clock.seconds()
+        ids = list(dict.fromkeys(player_ids))
+        if not ids:
+            return succeed(PushResult())
+        head = encode({"t": "push", "route": route, "data": data,
+                       "ts": ts})[:-1]
+        d = self.bus.place(self.gate_id, ids, head, ts, persist)
+
+        def placed(outcomes):
+            result = PushResult()
+            for player_id, (outcome, _) in zip(ids, outcomes):
+                if outcome == "delivered":
+                    result.delivered += 1
+                elif outcome == "unknown":
+                    result.unknown.append(player_id)
+                elif persist:
+                    result.queued += 1
+                else:
+                    result.dropped += 1
+            return result
+
+        return d.addCallback(placed)
+
+    def broadcast(self, message):
+        """
+        Send the transient L{Outgoing} C{message} to every gate.
+
+        @return: L{Deferred} firing with the sessions here plus the online
+            players the other live gates last reported.
+        """
+        if not self.bus.reachable:
+            return self._unreachable()
+        d = self.bus.broadcast(self.gate_id, message.payload)
+        return d.addCallback(lambda others: self.players.broadcast_here(
+            message) + sum(others.values()))
+
+    def kick(self, player_id, reason, msg):
+        if not self.bus.reachable:
+            return self._unreachable()
+        return self.bus.send_to_player(player_id, "kick", encode(
+            {"reason": reason, "msg": msg}))
+
+    def reconnect(self, player_id, addr, reason):
+        if not self.bus.reachable:
+            return self._unreachable()
+        return self.bus.send_to_player(player_id, "reconnect", encode(
+            {"addr": addr, "reason": reason}))
+
+    def kick_session(self, location, reason, msg):
+        """
+        Kick the session at C{location} (a L{gate.player.Location}), here or
+        on its gate.
+        """
+        header = {"op": "kick_session", "p": location.player_id,
+                  "s": location.session_id}
+        payload = encode({"reason": reason, "msg": msg})
+        if location.gate_id == self.gate_id:
+            self.received(header, payload)
+            return
+        d = self.bus.send_to_gate(location.gate_id, header, payload)
+        # Lost with the store: that gate's next refresh finds the player
+        # claimed here and kicks its session then.
+        d.addErrback(self._warn, "kick of a replaced session")
+
+    def info(self, player_id):
+        """
+        The push API's player record from the shared directory.
+        """
+        if not self.bus.reachable:
+            return self._unreachable()
+
+        def record(found):
+            if found is None:
+                return None
+            location, last_seq, size, alive = found
+            online = location.session_id is not None and alive
+            return {"player_id": player_id, "online": online,
+                    "gate_id": location.gate_id,
+                    "session_id": location.session_id if online else None,
+                    "last_seq": last_seq, "mailbox": size}
+
+        return self.bus.info(player_id).addCallback(record)
+
+    # What failed while the store was away, done again when it is back.
+
+    def release_failed(self, failure, player_id, session_id):
+        self._warn(failure, "release")
+        self.releases.add((player_id, session_id))
+
+    def release_later(self, player_id, session_id):
+        """
+        A claim failed and may have been made anyway: give it back.
+        """
+        self.releases.add((player_id, session_id))
+        if self.bus.reachable:
+            self._clock.callLater(0, self._release_pending)
+
+    def expire_later(self, player):
+        self.expiries[player.player_id] = player
+
+    def _release_pending(self):
+        pending, self.releases = self.releases, set()
+        directory = self.players.directory
+        for player_id, session_id in pending:
+            directory.release(player_id, self.gate_id, session_id,
+                              self._clock.seconds()).addErrback(
+                self.release_failed, player_id, session_id)
+
+    def _expire_pending(self):
+        pending, self.expiries = self.expiries, {}
+        for player_id, player in pending.items():
+            if self.players.get(player_id) is None:
+                self.players.expire_in_store(player)
+
+    # Serving what reaches this gate.
+
+    def received(self, header, payload):
+        """
+        One message from the bus (see L{IClusterBus.listen}).
+        """
+        op = header.get("op")
+        if op == "push":
+            self._deliver(header["to"], payload)
+        elif op == "broadcast":
+            if header.get("from") != self.gate_id:
+                self.players.broadcast_here(Outgoing(payload))
+        elif op in ("kick", "kick_session", "reconnect"):
+            session = self._session(header.get("p"), header.get("s"))
+            if session is None:
+                return
+            body = json.loads(payload)
+            if op == "reconnect":
+                if session.player is not None:
+                    self.players.reconnect(session.player_id, body["addr"],
+                                           body["reason"])
+            elif op == "kick_session" and body["reason"] == "replaced":
+                self.players.replaced_elsewhere(session, body["reason"],
+                                                body["msg"])
+            else:
+                session.kick(body["reason"], body["msg"])
+        else:
+            self.log.warn("unknown op {op!r} on the cluster bus", op=op)
+
+    def _session(self, player_id, session_id):
+        """
+        The session C{session_id} here if it is (or is being) bound to
+        C{player_id}.
+        """
+        session = self.sessions.sessions.get(session_id)
+        if session is None:
+            return None
+        if session.player_id == player_id \
+                or self.players.binding.get(session_id) == player_id:
+            return session
+        return None
+
+    def _deliver(self, to, head):
+        push = RemotePush(head)
+        sessions = self.sessions.sessions
+        binding = self.players.binding
+        for player_id, session_id, seq in to:
+            session = sessions.get(session_id)
+            if session is None or (session.player_id != player_id
+                                   and binding.get(session_id) != player_id):
+                # Gone or moved on: a persistent push stays in the mailbox
+                # (the player's next session reads it).
+                continue
+            session.push(push.with_seq(seq) if seq else push.transient())
+
+    # Keeping this gate's part of the store alive.
+
+    def heartbeat(self):
+        return self.bus.heartbeat(self.gate_id, self.players.online)
+
+    def refresh(self, offline=False):
+        """
+        Refresh the entries of the players online here (and with
+        C{offline}, check those offline here), acting on what changed.
+        """
+        players = [p for p in list(self.players.players.values())
+                   if p.epoch is not None
+                   and (offline or p.session is not None)]
+        if not players:
+            return succeed(None)
+        sessions = [p.session for p in players]
+        items = [(p.player_id, s.id if s is not None else "", p.epoch,
+                  max(s.delivered_seq, p.claim_seq) if s is not None else 0)
+                 for p, s in zip(players, sessions)]
+        d = self.bus.refresh(self.gate_id, items)
+        return d.addCallback(self._refreshed, players, sessions)
+
+    def _refreshed(self, statuses, players, sessions):
+        manager = self.players
+        for player, session, status in zip(players, sessions, statuses):
+            if status == "ok":
+                continue
+            if status == "recreated":
+                self.log.warn("player {player_id} was missing from the "
+                              "store; put back as online here",
+                              player_id=player.player_id)
+                continue
+            if session is not None:
+                if status == "elsewhere" and player.session is session:
+                    self.log.info("player {player_id} was claimed on "
+                                  "another gate meanwhile",
+                                  player_id=player.player_id)
+                    manager.replaced_elsewhere(
+                        session, "replaced",
+                        "logged in from another connection")
+            elif player.session is None and player.lock is None \
+                    and manager.get(player.player_id) is player:
+                # Offline here: gone from the store (expired with it), or
+                # living on another gate now.
+                manager.forget_here(player, expired=status == "missing")
+
+    def resync(self, missed):
+        """
+        The store is reachable again (or for the first time).
+
+        @param missed: whether pushes for sessions here may have been
+            published while this gate was not listening.
+        """
+        self.log.info("resynchronising with the shared store "
+                      "(missed messages: {missed})", missed=missed)
+        self.heartbeat().addErrback(self._warn, "heartbeat")
+        self._release_pending()
+        self._expire_pending()
+        d = self.refresh(offline=True)
+        d.addErrback(self._warn, "refresh")
+        if missed:
+            d.addCallback(lambda _: self._replay_missed())
+        return d
+
+    def _replay_missed(self):
+        """
+        Send each session here the pushes placed while the bus was down,
+        after what it had and before anything new.
+        """
+        mailboxes = self.players.mailboxes
+        for player in list(self.players.players.values()):
+            session = player.session
+            if session is None or session.closing or session.holding:
+                continue
+            session.begin_replay()
+            d = mailboxes.read_after(player.player_id,
+                                     max(session.delivered_seq,
+                                         player.claim_seq))
+            d.addCallbacks(lambda found, s=session: s.end_replay(*found),
+                           lambda failure, s=session: s.end_replay(None, []))

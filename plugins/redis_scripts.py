@@ -1,0 +1,298 @@
+"""
+The Lua scripts of the Redis store (L{mmogate_plugins.redis}).
+
+Each script is one atomic step in Redis: a claim that returns where the
+player was, a push numbered for all its recipients and handed to their
+gates, an expiry that checks the player is still offline here. Layout (P is
+C{store.redis_prefix}):
+
+  - C{P p:<player>}: hash C{g} gate, C{s} session (C{""} offline), C{t}
+    since, C{e} epoch (incarnation), C{q} last seq assigned, C{a} acked;
+  - C{P m:<player>}: stream of retained pushes, entry id C{<seq>-0},
+    fields C{t} (ts) and C{h} (the push envelope without its closing brace);
+  - C{P g:<gate>}: the gate's heartbeat (its online player count), with a
+    TTL of C{store.gate_ttl}; C{P gates}: set of gate ids seen;
+  - channels C{P c:<gate>} (one gate) and C{P all} (every gate).
+
+A message on a channel is a JSON header line, C{"\\n"}, then a payload.
+"""
+
+#: Shared by scripts that read a mailbox: drop entries whose ts is at or
+#: below the limit, from the oldest on (as L{gate.mailbox.Mailbox.expire}).
+_TRIM_AGE = """
+local function trim_age(mk, limit)
+  limit = tonumber(limit)
+  local cut = nil
+  local start = '-'
+  while true do
+    local batch = redis.call('XRANGE', mk, start, '+', 'COUNT', 64)
+    local newer = false
+    for _, e in ipairs(batch) do
+      if tonumber(e[2][2]) <= limit then cut = e[1] else newer = true; break end
+    end
+    if newer or #batch < 64 then break end
+    start = '(' .. cut
+  end
+  if cut then
+    local seq = tonumber(string.match(cut, '^(%d+)'))
+    redis.call('XTRIM', mk, 'MINID', string.format('%d-0', seq + 1))
+  end
+end
+"""
+
+#: KEYS dir, mailbox; ARGV gate, session, now, new epoch, expected epoch
+#: ("" for none), ttl ms. Returns {0} (epoch mismatch) or {1, epoch, seq
+#: [, previous gate, previous session, previous since]}.
+CLAIM = """
+local d = redis.call('HMGET', KEYS[1], 'g', 's', 't', 'e', 'q')
+if not d[4] then
+  if ARGV[5] ~= '' then return {0} end
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[1], 'g', ARGV[1], 's', ARGV[2], 't', ARGV[3],
+             'e', ARGV[4], 'q', 0, 'a', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  return {1, ARGV[4], 0}
+end
+if ARGV[5] ~= '' and ARGV[5] ~= d[4] then return {0} end
+redis.call('HSET', KEYS[1], 'g', ARGV[1], 's', ARGV[2], 't', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+local q = tonumber(d[5] or '0')
+if d[2] ~= '' then return {1, d[4], q, d[1], d[2], d[3]} end
+return {1, d[4], q}
+"""
+
+#: KEYS dir, mailbox; ARGV gate, session, now, ttl ms. 1 if released.
+RELEASE = """
+local d = redis.call('HMGET', KEYS[1], 'g', 's')
+if d[1] ~= ARGV[1] or d[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 's', '', 't', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return 1
+"""
+
+#: KEYS dir, mailbox; ARGV gate, epoch. 1 removed, 0 not (online, on
+#: another gate, another incarnation), 2 already gone.
+EXPIRE = """
+local d = redis.call('HMGET', KEYS[1], 'g', 's', 'e')
+if not d[3] then return 2 end
+if d[1] ~= ARGV[1] or d[2] ~= '' or d[3] ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+#: KEYS dir1, mailbox1, dir2, ...; ARGV persist ("1"/"0"), head, ts,
+#: mailbox_max, prefix, then the player ids. Numbers and stores the push
+#: for each known player, then publishes one message per live gate listing
+#: its recipients, so a gate gets its players' pushes in seq order.
+#: Returns {status, seq} per player: -1 unknown, 0 not handed to a gate,
+#: 1 handed to a live gate that listens.
+PLACE = """
+local persist = ARGV[1] == '1'
+local head, ts, maxlen, prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local out = {}
+local sessions = {}
+local by_gate = {}
+local order = {}
+for i = 1, #KEYS / 2 do
+  local dk = KEYS[2 * i - 1]
+  local d = redis.call('HMGET', dk, 'g', 's', 'e')
+  if not d[3] then
+    out[2 * i - 1] = -1
+    out[2 * i] = 0
+  else
+    local seq = 0
+    if persist then
+      local mk = KEYS[2 * i]
+      seq = redis.call('HINCRBY', dk, 'q', 1)
+      redis.call('XADD', mk, 'MAXLEN', maxlen, string.format('%d-0', seq),
+                 't', ts, 'h', head)
+      if redis.call('PTTL', mk) == -1 then
+        local ttl = redis.call('PTTL', dk)
+        if ttl > 0 then redis.call('PEXPIRE', mk, ttl) end
+      end
+    end
+    out[2 * i - 1] = 0
+    out[2 * i] = seq
+    if d[2] ~= '' then
+      sessions[i] = d[2]
+      local list = by_gate[d[1]]
+      if not list then
+        list = {}
+        by_gate[d[1]] = list
+        order[#order + 1] = d[1]
+      end
+      list[#list + 1] = i
+    end
+  end
+end
+for _, g in ipairs(order) do
+  if redis.call('EXISTS', prefix .. 'g:' .. g) == 1 then
+    local to = {}
+    for _, i in ipairs(by_gate[g]) do
+      to[#to + 1] = {ARGV[5 + i], sessions[i], out[2 * i]}
+    end
+    local msg = '{"op":"push","to":' .. cjson.encode(to) .. '}\\n' .. head
+    if redis.call('PUBLISH', prefix .. 'c:' .. g, msg) > 0 then
+      for _, i in ipairs(by_gate[g]) do out[2 * i - 1] = 1 end
+    end
+  end
+end
+return out
+"""
+
+#: KEYS dir, mailbox; ARGV player id, ts, head, mailbox_max. Appends one
+#: push whether or not the player is in the directory (the plain
+#: IMailboxStore.append). Returns the seq.
+APPEND = """
+local seq = redis.call('HINCRBY', KEYS[1], 'q', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], string.format('%d-0', seq),
+           't', ARGV[2], 'h', ARGV[3])
+return seq
+"""
+
+#: KEYS dir, mailbox; ARGV last_seq, age limit. Returns {last seq, acked,
+#: entries after last_seq}.
+READ = _TRIM_AGE + """
+local d = redis.call('HMGET', KEYS[1], 'q', 'a')
+if not d[1] then return {0, 0, {}} end
+trim_age(KEYS[2], ARGV[2])
+local q = tonumber(d[1])
+local after = tonumber(ARGV[1])
+local entries = {}
+if after < q then
+  entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', after + 1), '+')
+end
+return {q, tonumber(d[2] or '0'), entries}
+"""
+
+#: KEYS dir, mailbox; ARGV seq. Returns the seq acknowledged.
+ACK = """
+local d = redis.call('HMGET', KEYS[1], 'q', 'a')
+if not d[1] then return 0 end
+local seq = math.min(tonumber(ARGV[1]), tonumber(d[1]))
+if seq > tonumber(d[2] or '0') then redis.call('HSET', KEYS[1], 'a', seq) end
+if seq >= 1 then
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', seq + 1))
+end
+return seq
+"""
+
+#: KEYS dir, mailbox; ARGV age limit. Retained pushes.
+SIZE = _TRIM_AGE + """
+trim_age(KEYS[2], ARGV[1])
+return redis.call('XLEN', KEYS[2])
+"""
+
+#: KEYS dir, mailbox. Drops the mailbox unless the player lives (a new
+#: incarnation's mailbox is never dropped by a late expiry).
+DROP = """
+if redis.call('HEXISTS', KEYS[1], 'e') == 1 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+#: KEYS dir, mailbox; ARGV age limit, prefix. nil for an unknown player,
+#: else {gate, session, since, epoch, last seq, mailbox size, gate alive}.
+INFO = _TRIM_AGE + """
+local d = redis.call('HMGET', KEYS[1], 'g', 's', 't', 'e', 'q')
+if not d[4] then return false end
+trim_age(KEYS[2], ARGV[1])
+local alive = 0
+if redis.call('EXISTS', ARGV[2] .. 'g:' .. d[1]) == 1 then alive = 1 end
+return {d[1], d[2], d[3], d[4], tonumber(d[5] or '0'),
+        redis.call('XLEN', KEYS[2]), alive}
+"""
+
+#: KEYS dir; ARGV prefix, op, payload, player id. Hands the op to the gate
+#: where the player is online, if that gate is alive. Returns the number of
+#: gates that got it (0 or 1).
+SEND = """
+local d = redis.call('HMGET', KEYS[1], 'g', 's')
+if not d[1] or d[2] == '' then return 0 end
+if redis.call('EXISTS', ARGV[1] .. 'g:' .. d[1]) == 0 then return 0 end
+local header = cjson.encode({op = ARGV[2], p = ARGV[4], s = d[2]})
+return redis.call('PUBLISH', ARGV[1] .. 'c:' .. d[1], header .. '\\n' .. ARGV[3])
+"""
+
+#: ARGV prefix, message, this gate. Publishes to every gate, then returns
+#: {gate, online, ...} of the other live gates (forgetting dead ones).
+BROADCAST = """
+redis.call('PUBLISH', ARGV[1] .. 'all', ARGV[2])
+local out = {}
+for _, g in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'gates')) do
+  local v = redis.call('GET', ARGV[1] .. 'g:' .. g)
+  if not v then
+    redis.call('SREM', ARGV[1] .. 'gates', g)
+  elseif g ~= ARGV[3] then
+    out[#out + 1] = g
+    out[#out + 1] = v
+  end
+end
+return out
+"""
+
+#: ARGV prefix, gate, online count, ttl ms.
+HEARTBEAT = """
+redis.call('SET', ARGV[1] .. 'g:' .. ARGV[2], ARGV[3], 'PX', ARGV[4])
+redis.call('SADD', ARGV[1] .. 'gates', ARGV[2])
+return 1
+"""
+
+#: KEYS dir1, mailbox1, ...; ARGV gate, ttl ms, now, then per player:
+#: session ("" offline), epoch, seq. Per player: 1 ok (TTL refreshed for an
+#: online one), 0 missing (offline player gone), 3 recreated (online
+#: player put back with its epoch, numbered on from seq), 2 elsewhere
+#: (another gate, session or incarnation).
+REFRESH = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local dk, mk = KEYS[2 * i - 1], KEYS[2 * i]
+  local sid, ep, seq = ARGV[1 + 3 * i], ARGV[2 + 3 * i], ARGV[3 + 3 * i]
+  local d = redis.call('HMGET', dk, 'g', 's', 'e')
+  local status = 2
+  if not d[3] then
+    if sid ~= '' then
+      redis.call('DEL', dk, mk)
+      redis.call('HSET', dk, 'g', ARGV[1], 's', sid, 't', ARGV[3], 'e', ep,
+                 'q', seq, 'a', 0)
+      redis.call('PEXPIRE', dk, ARGV[2])
+      status = 3
+    else
+      status = 0
+    end
+  elseif d[1] == ARGV[1] and d[3] == ep then
+    if d[2] == sid then
+      status = 1
+    elseif d[2] == '' and sid ~= '' then
+      redis.call('HSET', dk, 's', sid)
+      status = 1
+    end
+    if status == 1 and sid ~= '' then
+      redis.call('PEXPIRE', dk, ARGV[2])
+      if redis.call('EXISTS', mk) == 1 then redis.call('PEXPIRE', mk, ARGV[2]) end
+    end
+  end
+  out[i] = status
+end
+return out
+"""
+
+#: ARGV prefix, gate. Removes the gate's heartbeat.
+LEAVE = """
+redis.call('DEL', ARGV[1] .. 'g:' .. ARGV[2])
+redis.call('SREM', ARGV[1] .. 'gates', ARGV[2])
+return 1
+"""
+
+ALL = {
+    "claim": CLAIM, "release": RELEASE, "expire": EXPIRE, "place": PLACE,
+    "append": APPEND, "read": READ, "ack": ACK, "size": SIZE, "drop": DROP,
+    "info": INFO, "send": SEND, "broadcast": BROADCAST,
+    "heartbeat": HEARTBEAT, "refresh": REFRESH, "leave": LEAVE,
+}

@@ -1,0 +1,520 @@
+"""
+Tests for L{mmogate_plugins.redis}, against the machine's real Redis
+(skipped without it, unless C{MMOGATE_REQUIRE_SERVICES=1}): the mailbox
+contract and its equivalence with L{gate.mailbox.Mailbox}, the directory
+(claims, incarnations, atomic expiry, TTLs), placing pushes across gates,
+the bus, and outages played with a proxy the test cuts.
+
+Every test uses key prefixes of its own, deleted afterwards.
+"""
+
+import json
+import random
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from gate.cluster import StoreUnavailable
+from gate.envelope import encode
+from gate.interfaces import IClusterBus, IMailboxStore, IPlayerDirectory
+from gate.player import Location
+from mmogate_plugins.memory import (MemoryClusterBus, MemoryMailboxStore,
+                                    MemoryPlayerDirectory)
+from mmogate_plugins.redis import RedisStore, parse_url
+from tests.e2e import TIMEOUT, until, within
+from tests.mailbox_contract import MailboxStoreContract
+from tests.services import (REDIS_URL, TCPProxy, redis_command, redis_keys,
+                            redis_prefix, require_redis)
+
+
+class Recorder:
+    """
+    A bus receiver that records what reaches it.
+    """
+
+    def __init__(self):
+        self.messages = []
+        self.resyncs = []
+
+    def received(self, header, payload):
+        self.messages.append((header, payload))
+
+    def resync(self, missed):
+        self.resyncs.append(missed)
+
+
+async def start_store(test, prefix, url=REDIS_URL, gate=None, time=None,
+                      max_entries=100, max_age=1000.0, timeout=5.0,
+                      gate_ttl=10.0, retry_max=0.2):
+    """
+    A connected L{RedisStore} (listening as C{gate}, if given), stopped by
+    C{test}'s cleanups.
+    """
+    store = RedisStore(reactor, url, prefix, max_entries, max_age, retry_max,
+                       timeout, gate_ttl, time=time)
+    test.addCleanup(lambda: within(store.stop(gate), TIMEOUT,
+                                   "the store to stop"))
+    if gate is not None:
+        store.receiver = Recorder()
+        store.listen(gate, store.receiver)
+    else:
+        store.start()
+    await within(store.when_reachable(), TIMEOUT, "Redis to be reachable")
+    return store
+
+
+def head(data, route="r"):
+    """
+    A push envelope's head as the gate makes it, stamped now.
+    """
+    return encode({"t": "push", "route": route, "data": data,
+                   "ts": reactor.seconds()})[:-1]
+
+
+def place(store, gate, player_ids, data, persist=True):
+    return store.place(gate, player_ids, head(data), reactor.seconds(),
+                       persist)
+
+
+class RedisCase(TestCase):
+    def setUp(self):
+        require_redis()
+        self.prefix = redis_prefix(self)
+
+
+class RedisMailboxContractTests(MailboxStoreContract, RedisCase):
+    """
+    The mailbox contract every store owes the gate, against Redis.
+    """
+
+    def setUp(self):
+        RedisCase.setUp(self)
+        self.clock = Clock()
+
+    async def make_store(self, max_entries, max_age):
+        return await start_store(self, redis_prefix(self), time=self.clock,
+                                 max_entries=max_entries, max_age=max_age)
+
+
+class MailboxEquivalenceTests(RedisCase):
+    """
+    Random sequences of appends, acks, reads and time passing give exactly
+    the answers of the in-memory store (L{gate.mailbox.Mailbox}): seqs,
+    retained entries, gaps, sizes.
+    """
+
+    async def run_sequence(self, rng):
+        clock = Clock()
+        clock.advance(1000)
+        max_entries = rng.randint(1, 6)
+        max_age = 10.0
+        memory = MemoryMailboxStore(clock, max_entries, max_age)
+        redis = await start_store(self, redis_prefix(self), time=clock,
+                                  max_entries=max_entries, max_age=max_age)
+        players = ["a", "b", "c"]
+        for step in range(40):
+            op = rng.choice(["append", "append", "append", "ack", "read",
+                             "time", "size"])
+            player = rng.choice(players)
+            last = (await memory.last_seq(player))
+            where = f"step {step} ({op} {player})"
+            if op == "append":
+                who = rng.sample(players, rng.randint(1, 3))
+                expected = await memory.append(who, "r", step, clock.seconds())
+                got = await redis.append(who, "r", step, clock.seconds())
+                self.assertEqual(got, expected, where)
+            elif op == "ack":
+                seq = rng.randint(0, last + 2)
+                await memory.ack(player, seq)
+                await redis.ack(player, seq)
+            elif op == "read":
+                after = rng.randint(0, last + 2)
+                self.assertEqual(await redis.read_after(player, after),
+                                 await memory.read_after(player, after),
+                                 f"{where} after {after}")
+            elif op == "size":
+                self.assertEqual(await redis.size(player),
+                                 await memory.size(player), where)
+            else:
+                clock.advance(rng.choice([0.5, 2.0, 4.0, 7.0]))
+            self.assertEqual(await redis.last_seq(player),
+                             await memory.last_seq(player), where)
+
+    async def test_random_sequences(self):
+        for seed in range(12):
+            await self.run_sequence(random.Random(seed))
+
+
+class DirectoryContract:
+    """
+    What every L{IPlayerDirectory} owes the gate; mixed into a test case
+    that defines C{make_directory()}.
+    """
+
+    async def test_interface(self):
+        self.assertTrue(verifyObject(IPlayerDirectory,
+                                     await self.make_directory()))
+
+    async def test_claim_makes_and_keeps_the_incarnation(self):
+        directory = await self.make_directory()
+        claim = await directory.claim("a", "g", "s1", 1.0)
+        self.assertIsNone(claim.previous)
+        self.assertTrue(claim.epoch)
+        self.assertEqual(await directory.lookup("a"),
+                         Location("a", "g", "s1", 1.0, claim.epoch))
+        again = await directory.claim("a", "h", "s2", 2.0)
+        self.assertEqual(again.epoch, claim.epoch)
+        self.assertEqual(again.previous,
+                         Location("a", "g", "s1", 1.0, claim.epoch))
+
+    async def test_claim_of_offline_player(self):
+        directory = await self.make_directory()
+        await directory.claim("a", "g", "s1", 1.0)
+        self.assertTrue(await directory.release("a", "g", "s1", 2.0))
+        self.assertIsNone((await directory.claim("a", "g", "s2", 3.0)).previous)
+
+    async def test_resume_claim(self):
+        """
+        A claim naming an incarnation never creates a player and is refused
+        for another incarnation.
+        """
+        directory = await self.make_directory()
+        self.assertIsNone(await directory.claim("a", "g", "s1", 1.0, "e0"))
+        self.assertIsNone(await directory.lookup("a"))
+        epoch = (await directory.claim("a", "g", "s1", 1.0)).epoch
+        self.assertIsNone(await directory.claim("a", "g", "s2", 2.0, "e0"))
+        self.assertEqual((await directory.lookup("a")).session_id, "s1")
+        self.assertEqual((await directory.claim("a", "g", "s2", 2.0,
+                                                epoch)).epoch, epoch)
+
+    async def test_release_only_own_session(self):
+        directory = await self.make_directory()
+        epoch = (await directory.claim("a", "g", "s1", 1.0)).epoch
+        self.assertFalse(await directory.release("a", "g", "s0", 2.0))
+        self.assertFalse(await directory.release("a", "h", "s1", 2.0))
+        self.assertFalse(await directory.release("b", "g", "s1", 2.0))
+        self.assertTrue(await directory.release("a", "g", "s1", 2.0))
+        self.assertEqual(await directory.lookup("a"),
+                         Location("a", "g", None, 2.0, epoch))
+
+    async def test_expire_only_if_offline_here(self):
+        directory = await self.make_directory()
+        epoch = (await directory.claim("a", "g", "s1", 1.0)).epoch
+        self.assertFalse(await directory.expire("a", "g", epoch))
+        await directory.release("a", "g", "s1", 2.0)
+        self.assertFalse(await directory.expire("a", "h", epoch))
+        self.assertFalse(await directory.expire("a", "g", "other"))
+        self.assertTrue(await directory.expire("a", "g", epoch))
+        self.assertIsNone(await directory.lookup("a"))
+        self.assertFalse(await directory.expire("a", "g", epoch))
+        # A new incarnation after expiry.
+        self.assertNotEqual((await directory.claim("a", "g", "s3", 3.0)).epoch,
+                            epoch)
+
+    async def test_forget(self):
+        directory = await self.make_directory()
+        await directory.claim("a", "g", "s1", 1.0)
+        await directory.forget("a")
+        self.assertIsNone(await directory.lookup("a"))
+        await directory.forget("never")
+
+
+class MemoryDirectoryContractTests(DirectoryContract, TestCase):
+    async def make_directory(self):
+        return MemoryPlayerDirectory()
+
+
+class RedisDirectoryContractTests(DirectoryContract, RedisCase):
+    async def make_directory(self):
+        return await start_store(self, self.prefix)
+
+
+class RedisDirectoryTests(RedisCase):
+    async def test_interfaces(self):
+        store = await start_store(self, self.prefix)
+        for interface in (IPlayerDirectory, IMailboxStore, IClusterBus):
+            self.assertTrue(verifyObject(interface, store))
+        self.assertTrue(verifyObject(IClusterBus, MemoryClusterBus()))
+
+    async def test_new_incarnation_starts_a_new_mailbox(self):
+        """
+        A player created again after expiry numbers from 1, whatever its
+        earlier incarnation left.
+        """
+        store = await start_store(self, self.prefix)
+        epoch = (await store.claim("a", "g", "s1", 1.0)).epoch
+        await place(store, "g", ["a"], 1, True)
+        await place(store, "g", ["a"], 2, True)
+        await store.release("a", "g", "s1", 2.0)
+        self.assertTrue(await store.expire("a", "g", epoch))
+        self.assertEqual(await redis_keys(self.prefix), [])
+        await store.claim("a", "g", "s2", 3.0)
+        self.assertEqual(await store.last_seq("a"), 0)
+        self.assertEqual(await place(store, "g", ["a"], 3, True),
+                         [("offline", 1)])
+
+    async def test_claim_answers_seq_at_claim(self):
+        store = await start_store(self, self.prefix)
+        await store.claim("a", "g", "s1", 1.0)
+        for i in range(3):
+            await place(store, "g", ["a"], i, True)
+        self.assertEqual((await store.claim("a", "g", "s2", 2.0)).last_seq, 3)
+
+    async def test_ttls(self):
+        """
+        Entries and mailboxes expire together, past the idle timeout, if no
+        gate refreshes or expires them.
+        """
+        store = await start_store(self, self.prefix, max_age=100.0)
+        self.assertEqual(store.key_ttl_ms, 150000)
+        await store.claim("a", "g", "s1", 1.0)
+        await place(store, "g", ["a"], 1, True)
+        for key in (b"p:a", b"m:a"):
+            ttl = await redis_command("PTTL", self.prefix.encode() + key)
+            self.assertTrue(140000 < ttl <= 150000, (key, ttl))
+
+    async def test_drop_spares_a_live_player(self):
+        store = await start_store(self, self.prefix)
+        await store.claim("a", "g", "s1", 1.0)
+        await place(store, "g", ["a"], 1, True)
+        await store.drop("a")
+        self.assertEqual(await store.size("a"), 1)
+
+    async def test_odd_player_ids(self):
+        store = await start_store(self, self.prefix)
+        for player_id in ("\ud800x", "é\n\"\\/", "1234", " "):
+            claim = await store.claim(player_id, "g", "s", 1.0)
+            self.assertEqual((await store.lookup(player_id)).epoch,
+                             claim.epoch)
+            [(outcome, seq)] = await place(store, "g", [player_id], 1)
+            self.assertEqual((outcome, seq), ("offline", 1))
+            gap, entries = await store.read_after(player_id, 0)
+            self.assertEqual([e.seq for e in entries], [1])
+
+    async def test_racing_claims_form_one_chain(self):
+        """
+        Claims of one player from two gates at once are serialised: each
+        claim names the one before it as previous, so exactly one session
+        is left as the player's and every other one is replaced by exactly
+        one later claim.
+        """
+        a = await start_store(self, self.prefix)
+        b = await start_store(self, self.prefix)
+        claims = [(store, gate, f"s{i}")
+                  for i in range(40)
+                  for store, gate in ((a, "A"), (b, "B"))]
+        results = await gatherResults([
+            store.claim("p", gate, session, 1.0)
+            for store, gate, session in claims])
+        previous = [r.previous for r in results]
+        self.assertEqual(sum(p is None for p in previous), 1)
+        named = [(p.gate_id, p.session_id) for p in previous if p is not None]
+        self.assertEqual(len(set(named)), len(named))
+        everyone = {(gate, session) for _, gate, session in claims}
+        [last] = everyone - set(named)
+        location = await a.lookup("p")
+        self.assertEqual((location.gate_id, location.session_id), last)
+        self.assertEqual(len({r.epoch for r in results}), 1)
+
+    def test_parse_url(self):
+        self.assertEqual(parse_url("redis://:pw@h:7000/3")["password"], "pw")
+        self.assertEqual(parse_url("redis://h:7000/3")["db"], 3)
+        self.assertEqual(parse_url("rediss://u:p@h")["username"], "u")
+        self.assertEqual(parse_url("unix:///tmp/r.sock?db=2")["path"],
+                         "/tmp/r.sock")
+
+
+class PlaceTests(RedisCase):
+    """
+    A push numbered, stored and handed to the players' gates in one step.
+    """
+
+    async def gates(self, gate_ttl=10.0):
+        a = await start_store(self, self.prefix, gate="A", gate_ttl=gate_ttl)
+        b = await start_store(self, self.prefix, gate="B", gate_ttl=gate_ttl)
+        await a.heartbeat("A", 1)
+        await b.heartbeat("B", 1)
+        return a, b
+
+    async def test_outcomes(self):
+        a, b = await self.gates()
+        await a.claim("on-a", "A", "sa", 1.0)
+        await b.claim("on-b", "B", "sb", 1.0)
+        await b.claim("off", "B", "so", 1.0)
+        await b.release("off", "B", "so", 2.0)
+        result = await place(b, "B", ["on-a", "on-b", "ghost", "off"], {"x": 1}, True)
+        self.assertEqual(result, [("delivered", 1), ("delivered", 1),
+                                  ("unknown", 0), ("offline", 1)])
+        transient = await place(a, "A", ["on-a", "off", "ghost"], 2, False)
+        self.assertEqual(transient, [("delivered", 0), ("offline", 0),
+                                     ("unknown", 0)])
+        self.assertEqual(await a.size("off"), 1)
+        await until(lambda: len(a.receiver.messages) == 2
+                    and len(b.receiver.messages) == 1, "the pushes")
+        self.assertEqual(
+            [(h, json.loads(p + b"}")["data"]) for h, p in a.receiver.messages],
+            [({"op": "push", "to": [["on-a", "sa", 1]]}, {"x": 1}),
+             ({"op": "push", "to": [["on-a", "sa", 0]]}, 2)])
+        self.assertEqual(
+            [(h, json.loads(p + b"}")["data"]) for h, p in b.receiver.messages],
+            [({"op": "push", "to": [["on-b", "sb", 1]]}, {"x": 1})])
+
+    async def test_seq_continuous_across_gates(self):
+        """
+        Pushes placed from two gates at once get one run of seqs, and reach
+        the player's gate in that order.
+        """
+        a, b = await self.gates()
+        await a.claim("p", "A", "s", 1.0)
+        placed = await gatherResults([
+            place(store, gate, ["p"], i, True)
+            for i in range(50) for store, gate in ((a, "A"), (b, "B"))])
+        self.assertEqual(sorted(seq for [(_, seq)] in placed),
+                         list(range(1, 101)))
+        await until(lambda: len(a.receiver.messages) == 100, "the pushes")
+        self.assertEqual([h["to"][0][2] for h, _ in a.receiver.messages],
+                         list(range(1, 101)))
+        gap, entries = await b.read_after("p", 0)
+        self.assertEqual([e.seq for e in entries], list(range(1, 101)))
+
+    async def test_many_players_in_chunks(self):
+        a, _ = await self.gates()
+        players = [f"p{i}" for i in range(2300)]
+        await gatherResults([a.claim(p, "A", "s" + p, 1.0) for p in players])
+        result = await place(a, "A", players + ["ghost"], 1, True)
+        self.assertEqual(result, [("delivered", 1)] * 2300 + [("unknown", 0)])
+        await until(lambda: len(a.receiver.messages) == 3, "three messages")
+        self.assertEqual(sum(len(h["to"]) for h, _ in a.receiver.messages),
+                         2300)
+
+    async def test_dead_gate_is_not_delivered(self):
+        """
+        A player online on a gate without a heartbeat, or one that does not
+        listen, gets its push stored, not delivered.
+        """
+        a, b = await self.gates(gate_ttl=0.3)
+        await a.claim("p", "A", "s", 1.0)
+        await until(lambda: redis_command(
+            "EXISTS", self.prefix + "g:A").addCallback(lambda n: n == 0),
+            "A's heartbeat to lapse")
+        self.assertEqual(await place(b, "B", ["p"], 1, True),
+                         [("offline", 1)])
+        # Alive, but not listening (its subscriber is gone).
+        await a.heartbeat("A", 1)
+        await a._sub.stop()
+        await until(lambda: redis_command(
+            "PUBSUB", "NUMSUB", self.prefix + "c:A").addCallback(
+                lambda reply: reply[1] == 0), "Redis to drop A's subscriber")
+        self.assertEqual(await place(b, "B", ["p"], 2, True),
+                         [("offline", 2)])
+
+
+class BusTests(RedisCase):
+    async def test_send_to_player_and_gate(self):
+        a = await start_store(self, self.prefix, gate="A")
+        b = await start_store(self, self.prefix, gate="B")
+        await a.heartbeat("A", 1)
+        await a.claim("p", "A", "s", 1.0)
+        self.assertTrue(await b.send_to_player("p", "kick", b'{"x":1}'))
+        self.assertFalse(await b.send_to_player("ghost", "kick", b"{}"))
+        self.assertTrue(await b.send_to_gate("A", {"op": "o"}, b"pay"))
+        self.assertFalse(await b.send_to_gate("Z", {"op": "o"}, b"pay"))
+        await a.release("p", "A", "s", 2.0)
+        self.assertFalse(await b.send_to_player("p", "kick", b"{}"))
+        await until(lambda: len(a.receiver.messages) == 2, "the messages")
+        self.assertEqual(a.receiver.messages,
+                         [({"op": "kick", "p": "p", "s": "s"}, b'{"x":1}'),
+                          ({"op": "o"}, b"pay")])
+
+    async def test_broadcast_and_heartbeats(self):
+        a = await start_store(self, self.prefix, gate="A")
+        b = await start_store(self, self.prefix, gate="B")
+        c = await start_store(self, self.prefix, gate="C", gate_ttl=0.2)
+        await a.heartbeat("A", 3)
+        await b.heartbeat("B", 5)
+        await c.heartbeat("C", 7)
+        await until(lambda: redis_command(
+            "EXISTS", self.prefix + "g:C").addCallback(lambda n: n == 0),
+            "C's heartbeat to lapse")
+        self.assertEqual(await a.broadcast("A", b"{}"), {"B": 5})
+        members = sorted(await redis_command("SMEMBERS", self.prefix + "gates"))
+        self.assertEqual(members, [b"A", b"B"])
+        await until(lambda: len(b.receiver.messages) == 1, "the broadcast")
+        self.assertEqual(b.receiver.messages[0],
+                         ({"op": "broadcast", "from": "A"}, b"{}"))
+        await within(b.stop("B"), TIMEOUT, "B to leave")
+        self.assertEqual(await a.broadcast("A", b"{}"), {})
+
+    async def test_info_and_refresh(self):
+        a = await start_store(self, self.prefix, gate="A")
+        await a.heartbeat("A", 1)
+        self.assertIsNone(await a.info("ghost"))
+        epoch = (await a.claim("p", "A", "s", 1.0)).epoch
+        await place(a, "A", ["p"], 1, True)
+        location, last_seq, size, alive = await a.info("p")
+        self.assertEqual((location.session_id, last_seq, size, alive),
+                         ("s", 1, 1, True))
+        statuses = await a.refresh("A", [("p", "s", epoch, 0),
+                                         ("p", "other", epoch, 0),
+                                         ("gone", "", "e", 0),
+                                         ("back", "s2", "e2", 7)])
+        self.assertEqual(statuses, ["ok", "elsewhere", "missing",
+                                    "recreated"])
+        back = await a.lookup("back")
+        self.assertEqual((back.session_id, back.epoch), ("s2", "e2"))
+        self.assertEqual(await a.last_seq("back"), 7)
+        self.assertEqual(await place(a, "A", ["back"], 1, True),
+                         [("delivered", 8)])
+
+
+class OutageTests(RedisCase):
+    """
+    Redis going away and coming back, played with a proxy the test cuts.
+    """
+
+    async def test_cut_and_restore(self):
+        proxy = await TCPProxy().start(self)
+        store = await start_store(self, self.prefix, url=proxy.url, gate="A")
+        self.assertEqual(store.receiver.resyncs, [False])
+        await store.claim("p", "A", "s", 1.0)
+        proxy.cut()
+        await until(lambda: not store.reachable, "the store to notice")
+        failure = await self.assertFailure(store.claim("q", "A", "s", 1.0),
+                                           StoreUnavailable)
+        self.assertEqual(str(failure), "the shared player store is "
+                         "unreachable; try again shortly")
+        await self.assertFailure(place(store, "A", ["p"], 1, True),
+                                 StoreUnavailable)
+        proxy.restore()
+        await within(store.when_reachable(), TIMEOUT, "the store to be back")
+        # The subscription was lost too: messages may have been missed.
+        self.assertEqual(store.receiver.resyncs, [False, True])
+        self.assertEqual((await store.lookup("p")).session_id, "s")
+
+    async def test_stalled_redis_times_out(self):
+        proxy = await TCPProxy().start(self)
+        store = await start_store(self, self.prefix, url=proxy.url,
+                                  timeout=0.3)
+        proxy.stall()
+        started = reactor.seconds()
+        await self.assertFailure(store.lookup("p"), StoreUnavailable)
+        self.assertLess(reactor.seconds() - started, 2.0)
+        await until(lambda: not store.reachable, "the store to notice")
+        proxy.restore()
+        await within(store.when_reachable(), TIMEOUT, "the store to be back")
+        self.assertIsNone(await store.lookup("p"))
+
+    async def test_unreachable_at_start(self):
+        proxy = await TCPProxy().start(self)
+        proxy.cut()
+        store = RedisStore(reactor, proxy.url, self.prefix, 10, 100.0, 0.1,
+                           1.0, 10.0)
+        self.addCleanup(lambda: within(store.stop(), TIMEOUT, "stop"))
+        store.start()
+        await self.assertFailure(store.lookup("p"), StoreUnavailable)
+        proxy.restore()
+        await within(store.when_reachable(), TIMEOUT, "the store")
+        self.assertIsNone(await store.lookup("p"))
