@@ -132,7 +132,7 @@ class Spread:
         now = clock.seconds()
         due = [(now + random() * window, n, item)
                for n, item in enumerate(items)]
-        due.sort(key=lambda entry: (entry[0], entry[1]))
+        due.sort()  # n is unique: items themselves are never compared
         self._due = deque(due)
         self._call = None
         self.done = Deferred()

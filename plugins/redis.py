@@ -31,8 +31,10 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from gate import errors
 from gate.cluster import StoreUnavailable
 from gate.envelope import encode, loads
+from gate.errors import GateError
 from gate.interfaces import IClusterBus, IMailboxStore, IPlayerDirectory
 from gate.mailbox import Entry
 from gate.player import Claim, Location
@@ -47,7 +49,13 @@ CHUNK = 1000
 MAX_SEQ = 10 ** 13
 
 _STATUS = {-1: "unknown", 0: "offline", 1: "delivered"}
-_REFRESH = {0: "missing", 1: "ok", 2: "elsewhere", 3: "recreated"}
+_REFRESH = {0: "missing", 1: "ok", 2: "elsewhere", 3: "recreated",
+            4: "absent", 5: "adopted", 6: "restored"}
+
+#: What a claim refused by a ban (CLAIM answers -1 and -2) is answered.
+BANNED = "player {!r} is banned for now"
+REVOKED = ("resume token rejected: resume token was revoked (the player "
+           "was kicked with a ban)")
 
 
 def _b(value):
@@ -289,6 +297,12 @@ class RedisStore:
         #: own expiry (which tells the backend) normally comes first.
         self.key_ttl_ms = int((max_age + max(5.0, max_age / 2)) * 1000)
         self.reachable = False
+        #: The durable copy of the mailboxes (L{mmogate_plugins.postgres.
+        #: PostgresMailboxStore}) when C{store.postgres_dsn} is set: pushes
+        #: are written through to it before they are answered, acks and
+        #: drops follow, and a player Redis lost is put back from it
+        #: (C{docs/persistence.md}).
+        self.durable = None
         self._gate_id = None
         self._receiver = None
         self._waiters = []
@@ -436,13 +450,41 @@ class RedisStore:
 
     # IPlayerDirectory.
 
-    def claim(self, player_id, gate_id, session_id, now, epoch=None):
-        d = self._eval("claim", self._keys(player_id),
-                       [gate_id, session_id, float(now), secrets.token_hex(8),
-                        epoch or "", self.key_ttl_ms])
+    def _ban_key(self, player_id):
+        return self.prefix + b"b:" + _b(player_id)
+
+    def claim(self, player_id, gate_id, session_id, now, epoch=None,
+              issued=None):
+        """
+        One script call, which also refuses a banned player (and, for a
+        resume, a token issued before a ban: C{issued} is its C{iat}).
+        With a durable copy, a player Redis does not know is first looked
+        up there and, if found, put back with its incarnation, seqs and
+        retained pushes before it is claimed.
+        """
+        keys = self._keys(player_id) + [self._ban_key(player_id)]
+        args = [gate_id, session_id, float(now), secrets.token_hex(8),
+                epoch or "", self.key_ttl_ms,
+                float(issued) if isinstance(issued, (int, float))
+                and not isinstance(issued, bool) else ""]
+        durable = self.durable
+        d = self._eval("claim", keys, args + ["ask" if durable else ""])
+
+        def seed(snapshots):
+            return self._eval("claim", keys, args + ["seed"] + _seed_args(
+                snapshots.get(player_id), self.max_entries))
 
         def claimed(reply):
-            if reply[0] == 0:
+            status = reply[0]
+            if status == 2:
+                return durable.snapshot([player_id]).addCallback(
+                    seed).addCallback(claimed)
+            if status == -1:
+                raise GateError(errors.AUTH_FAILED,
+                                BANNED.format(player_id[:64]))
+            if status == -2:
+                raise GateError(errors.RESUME_REJECTED, REVOKED)
+            if status == 0:
                 return None
             current = _s(reply[1])
             previous = None
@@ -452,6 +494,14 @@ class RedisStore:
             return Claim(previous, current, int(reply[2]))
 
         return d.addCallback(claimed)
+
+    def ban(self, player_id, until, now, token_ttl):
+        """
+        Ban C{player_id} until C{until} and revoke the resume tokens issued
+        to it up to C{now}, for every gate (checked by their claims).
+        """
+        return self._eval("ban", [self._ban_key(player_id)],
+                          [float(until), float(now), float(token_ttl)])
 
     def release(self, player_id, gate_id, session_id, now):
         return self._eval("release", self._keys(player_id),
@@ -507,13 +557,18 @@ class RedisStore:
     def ack(self, player_id, seq):
         d = self._eval("ack", self._keys(player_id), [min(seq, MAX_SEQ)])
 
+        def acked(reply):
+            seq, epoch = int(reply[0]), _s(reply[1])
+            if self.durable is not None and seq > 0 and epoch:
+                self.durable.mirror_ack(player_id, seq, epoch)
+
         def lost(failure):
             # An ack only trims: the client acks again later.
             self.log.debug("ack of {player_id} lost: {error}",
                            player_id=player_id,
                            error=failure.getErrorMessage())
 
-        return d.addCallbacks(lambda _: None, lost)
+        return d.addCallbacks(acked, lost)
 
     def last_seq(self, player_id):
         return self._call(b"HGET", self._dir(player_id), b"q").addCallback(
@@ -524,8 +579,15 @@ class RedisStore:
                           [self._limit()]).addCallback(int)
 
     def drop(self, player_id):
-        return self._eval("drop", self._keys(player_id), []).addCallback(
-            lambda _: None)
+        d = self._eval("drop", self._keys(player_id), [])
+
+        def dropped(status):
+            # Not when the player lives again (on another gate): its
+            # durable copy is its mailbox now.
+            if status == 1 and self.durable is not None:
+                return self.durable.drop(player_id)
+
+        return d.addCallback(dropped).addCallback(lambda _: None)
 
     # IClusterBus.
 

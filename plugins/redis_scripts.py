@@ -40,17 +40,58 @@ local function trim_age(mk, limit)
 end
 """
 
-#: KEYS dir, mailbox; ARGV gate, session, now, new epoch, expected epoch
-#: ("" for none), ttl ms. Returns {0} (epoch mismatch) or {1, epoch, seq
-#: [, previous gate, previous session, previous since]}.
-CLAIM = """
+#: Shared by scripts that make a player's entry: a fresh directory hash
+#: (gate, session, since, epoch, seq, acked) and, from C{first} on in ARGV,
+#: retained pushes as (seq, ts, head) triples in seq order (a durable copy
+#: restored into a Redis that lost it).
+_CREATE = """
+local function create(dk, mk, g, s, t, e, q, a, ttl, maxlen, first)
+  redis.call('DEL', dk, mk)
+  redis.call('HSET', dk, 'g', g, 's', s, 't', t, 'e', e, 'q', q, 'a', a)
+  redis.call('PEXPIRE', dk, ttl)
+  if first then
+    local n = 0
+    for i = first, #ARGV - 2, 3 do
+      redis.call('XADD', mk, 'MAXLEN', maxlen, ARGV[i] .. '-0',
+                 't', ARGV[i + 1], 'h', ARGV[i + 2])
+      n = n + 1
+    end
+    if n > 0 then redis.call('PEXPIRE', mk, ttl) end
+  end
+end
+"""
+
+#: KEYS dir, mailbox, ban; ARGV gate, session, now, new epoch, expected
+#: epoch ("" for none: a login or auth), ttl ms, the resume token's iat
+#: ("" for none), mode: "" makes a missing player anew, "ask" reports it
+#: missing, "seed" makes it from what follows (the durable copy): epoch
+#: ("" when there is none), seq, acked, mailbox_max, then (seq, ts, head)
+#: per retained push.
+#: Returns {-1} (banned), {-2} (token revoked by a ban), {0} (epoch
+#: mismatch), {2} (missing, mode "ask") or {1, epoch, seq [, previous
+#: gate, previous session, previous since]}.
+CLAIM = _CREATE + """
+local b = redis.call('HMGET', KEYS[3], 'u', 'r')
+if b[1] then
+  if tonumber(b[1]) > tonumber(ARGV[3]) then return {-1} end
+  if ARGV[5] ~= '' then
+    local iat = tonumber(ARGV[7])
+    if not iat or iat <= tonumber(b[2]) then return {-2} end
+  end
+end
 local d = redis.call('HMGET', KEYS[1], 'g', 's', 't', 'e', 'q')
 if not d[4] then
+  local mode = ARGV[8]
+  if mode == 'ask' then return {2} end
+  if mode == 'seed' and ARGV[9] ~= '' and
+      (ARGV[5] == '' or ARGV[5] == ARGV[9]) then
+    create(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[9], ARGV[10],
+           ARGV[11], ARGV[6], ARGV[12], 13)
+    return {1, ARGV[9], tonumber(ARGV[10])}
+  end
   if ARGV[5] ~= '' then return {0} end
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('HSET', KEYS[1], 'g', ARGV[1], 's', ARGV[2], 't', ARGV[3],
-             'e', ARGV[4], 'q', 0, 'a', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  create(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 0, 0,
+         ARGV[6], 0, nil)
   return {1, ARGV[4], 0}
 end
 if ARGV[5] ~= '' and ARGV[5] ~= d[4] then return {0} end
@@ -62,6 +103,53 @@ end
 local q = tonumber(d[5] or '0')
 if d[2] ~= '' then return {1, d[4], q, d[1], d[2], d[3]} end
 return {1, d[4], q}
+"""
+
+#: KEYS dir, mailbox; ARGV gate ("" for none), session ("" offline), now,
+#: epoch, seq (what the gate's session has), ttl ms, then the durable copy:
+#: epoch ("" none), seq, acked, mailbox_max, (seq, ts, head) per push.
+#: Puts back a player Redis lost, unless it is there again: an online one
+#: with its epoch, numbered on from the higher seq (with the copy's
+#: pushes when it is of the same incarnation); an offline one only from a
+#: copy of its incarnation. Returns 1 (there already), 3 (online one put
+#: back), 6 (offline one put back) or 0 (no copy: gone).
+RESTORE = _CREATE + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+local same = ARGV[7] ~= '' and ARGV[7] == ARGV[4]
+if ARGV[2] ~= '' then
+  local q, a, first = tonumber(ARGV[5]), 0, nil
+  if same then
+    q = math.max(q, tonumber(ARGV[8]))
+    a = ARGV[9]
+    first = 11
+  end
+  create(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], q, a,
+         ARGV[6], ARGV[10], first)
+  return 3
+end
+if not same then return 0 end
+create(KEYS[1], KEYS[2], ARGV[1], '', ARGV[3], ARGV[4], ARGV[8], ARGV[9],
+       ARGV[6], ARGV[10], 11)
+return 6
+"""
+
+#: KEYS ban; ARGV until, now, token ttl (seconds). Records a ban until
+#: C{until} (replacing the end of an earlier one) and revokes the tokens
+#: issued up to now; the key lives until both the ban and the tokens it
+#: revoked are over.
+BAN = """
+local now = tonumber(ARGV[2])
+local r = ARGV[2]
+local old = redis.call('HGET', KEYS[1], 'r')
+if old and tonumber(old) > now then r = old end
+redis.call('HSET', KEYS[1], 'u', ARGV[1], 'r', r)
+local ttl = math.ceil((math.max(tonumber(ARGV[1]), now + tonumber(ARGV[3]))
+                       - now) * 1000)
+if ttl < 1 then ttl = 1 end
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
 """
 
 #: KEYS dir, mailbox; ARGV gate, session, now, ttl ms. 1 if released.
@@ -86,14 +174,17 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 """
 
-#: KEYS dir1, mailbox1, dir2, ...; ARGV persist ("1"/"0"), head, ts,
-#: mailbox_max, prefix, then the player ids. Numbers and stores the push
-#: for each known player, then publishes one message per live gate listing
-#: its recipients, so a gate gets its players' pushes in seq order.
-#: Returns {status, seq} per player: -1 unknown, 0 not handed to a gate,
-#: 1 handed to a live gate that listens.
+#: KEYS dir1, mailbox1, dir2, ...; ARGV persist ("1", "0", or "2":
+#: persistent, answering each player's epoch too, for the durable copy),
+#: head, ts, mailbox_max, prefix, then the player ids. Numbers and stores
+#: the push for each known player, then publishes one message per live
+#: gate listing its recipients, so a gate gets its players' pushes in seq
+#: order. Returns {status, seq [, epoch]} per player: -1 unknown, 0 not
+#: handed to a gate, 1 handed to a live gate that listens.
 PLACE = """
-local persist = ARGV[1] == '1'
+local persist = ARGV[1] ~= '0'
+local w = 2
+if ARGV[1] == '2' then w = 3 end
 local head, ts, maxlen, prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {}
 local sessions = {}
@@ -102,9 +193,11 @@ local order = {}
 for i = 1, #KEYS / 2 do
   local dk = KEYS[2 * i - 1]
   local d = redis.call('HMGET', dk, 'g', 's', 'e')
+  local o = w * (i - 1)
   if not d[3] then
-    out[2 * i - 1] = -1
-    out[2 * i] = 0
+    out[o + 1] = -1
+    out[o + 2] = 0
+    if w == 3 then out[o + 3] = '' end
   else
     local seq = 0
     if persist then
@@ -117,8 +210,9 @@ for i = 1, #KEYS / 2 do
         if ttl > 0 then redis.call('PEXPIRE', mk, ttl) end
       end
     end
-    out[2 * i - 1] = 0
-    out[2 * i] = seq
+    out[o + 1] = 0
+    out[o + 2] = seq
+    if w == 3 then out[o + 3] = d[3] end
     if d[2] ~= '' then
       sessions[i] = d[2]
       local list = by_gate[d[1]]
@@ -135,11 +229,11 @@ for _, g in ipairs(order) do
   if redis.call('EXISTS', prefix .. 'g:' .. g) == 1 then
     local to = {}
     for _, i in ipairs(by_gate[g]) do
-      to[#to + 1] = {ARGV[5 + i], sessions[i], out[2 * i]}
+      to[#to + 1] = {ARGV[5 + i], sessions[i], out[w * (i - 1) + 2]}
     end
     local msg = '{"op":"push","to":' .. cjson.encode(to) .. '}\\n' .. head
     if redis.call('PUBLISH', prefix .. 'c:' .. g, msg) > 0 then
-      for _, i in ipairs(by_gate[g]) do out[2 * i - 1] = 1 end
+      for _, i in ipairs(by_gate[g]) do out[w * (i - 1) + 1] = 1 end
     end
   end
 end
@@ -171,16 +265,16 @@ end
 return {q, tonumber(d[2] or '0'), entries}
 """
 
-#: KEYS dir, mailbox; ARGV seq. Returns the seq acknowledged.
+#: KEYS dir, mailbox; ARGV seq. Returns {the seq acknowledged, epoch}.
 ACK = """
-local d = redis.call('HMGET', KEYS[1], 'q', 'a')
-if not d[1] then return 0 end
+local d = redis.call('HMGET', KEYS[1], 'q', 'a', 'e')
+if not d[1] then return {0, ''} end
 local seq = math.min(tonumber(ARGV[1]), tonumber(d[1]))
 if seq > tonumber(d[2] or '0') then redis.call('HSET', KEYS[1], 'a', seq) end
 if seq >= 1 then
   redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', seq + 1))
 end
-return seq
+return {seq, d[3] or ''}
 """
 
 #: KEYS dir, mailbox; ARGV age limit. Retained pushes.
@@ -237,27 +331,35 @@ end
 return out
 """
 
-#: ARGV prefix, gate, online count, ttl ms.
+#: ARGV prefix, gate, online count, ttl ms. Returns 0 when the heartbeat
+#: had lapsed (or was deleted): pushes meanwhile were stored, not sent.
 HEARTBEAT = """
+local was = redis.call('EXISTS', ARGV[1] .. 'g:' .. ARGV[2])
 redis.call('SET', ARGV[1] .. 'g:' .. ARGV[2], ARGV[3], 'PX', ARGV[4])
 redis.call('SADD', ARGV[1] .. 'gates', ARGV[2])
-return 1
+return was
 """
 
-#: KEYS dir1, mailbox1, ...; ARGV gate, ttl ms, now, then per player:
-#: session ("" offline), epoch, seq. Per player: 1 ok (TTL refreshed for an
-#: online one), 0 missing (offline player gone), 3 recreated (online
-#: player put back with its epoch, numbered on from seq), 2 elsewhere
-#: (another gate, session or incarnation).
+#: KEYS dir1, mailbox1, ...; ARGV gate, ttl ms, now, durable ("1" when
+#: a durable copy may put back what is missing), then per player: session
+#: ("" offline), epoch, seq. Per player: 1 ok (TTL refreshed for an online
+#: one), 0 missing (offline player gone), 3 recreated (online player put
+#: back with its epoch, numbered on from seq), 2 elsewhere (another gate,
+#: session or incarnation), 4 absent (missing, and durable: see RESTORE),
+#: 5 adopted (an online player's entry put back from the durable copy by a
+#: push, without a gate, taken over).
 REFRESH = """
 local out = {}
+local durable = ARGV[4] == '1'
 for i = 1, #KEYS / 2 do
   local dk, mk = KEYS[2 * i - 1], KEYS[2 * i]
-  local sid, ep, seq = ARGV[1 + 3 * i], ARGV[2 + 3 * i], ARGV[3 + 3 * i]
+  local sid, ep, seq = ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
   local d = redis.call('HMGET', dk, 'g', 's', 'e')
   local status = 2
   if not d[3] then
-    if sid ~= '' then
+    if durable then
+      status = 4
+    elseif sid ~= '' then
       redis.call('DEL', dk, mk)
       redis.call('HSET', dk, 'g', ARGV[1], 's', sid, 't', ARGV[3], 'e', ep,
                  'q', seq, 'a', 0)
@@ -265,6 +367,14 @@ for i = 1, #KEYS / 2 do
       status = 3
     else
       status = 0
+    end
+  elseif d[1] == '' and d[2] == '' and d[3] == ep then
+    redis.call('HSET', dk, 'g', ARGV[1], 's', sid)
+    status = 1
+    if sid ~= '' then
+      status = 5
+      redis.call('PEXPIRE', dk, ARGV[2])
+      if redis.call('EXISTS', mk) == 1 then redis.call('PEXPIRE', mk, ARGV[2]) end
     end
   elseif d[1] == ARGV[1] and d[3] == ep then
     if d[2] == sid then
@@ -295,4 +405,5 @@ ALL = {
     "append": APPEND, "read": READ, "ack": ACK, "size": SIZE, "drop": DROP,
     "info": INFO, "send": SEND, "broadcast": BROADCAST,
     "heartbeat": HEARTBEAT, "refresh": REFRESH, "leave": LEAVE,
+    "restore": RESTORE, "ban": BAN,
 }
