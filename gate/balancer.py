@@ -9,9 +9,14 @@ full jitter, and never lets a call outlive C{backend.timeout}. When no backend
 is usable it fails at once with C{backend_unavailable}: waiting would only
 hold a worker and the client's queue.
 
-Every backend shares one L{HTTPConnectionPool}: the pool is where the
+Every backend shares one L{HeadCappedPool}: the pool is where the
 forwarding CPU goes (PERF-NOTES.md), and one pool keyed by host keeps
 C{backend.max_connections} connections to each backend.
+
+Breakers and retries judge a call by what happened on the wire
+(L{is_backend_fault}: no connection, timeout, 5xx, an unusable answer), never
+by the client's error code: a 4xx answer, whatever code it maps to, is the
+backend working, so no client can open breakers by asking for nonsense.
 
 The policies and L{CircuitBreaker} are small plain classes with an injected
 clock, so they are tested without a network (L{tests.test_balancer}); the
@@ -29,11 +34,13 @@ from twisted.internet.defer import (Deferred, DeferredList, fail,
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from zope.interface import implementer
 
 from gate import errors
-from gate.backend import BackendStatusError, HTTPBackend, _Discard
+from gate.backend import (BackendCallError, BackendStatusError,
+                          HeadCappedPool, HTTPBackend, _Discard,
+                          is_backend_fault)
 from gate.errors import GateError
 from gate.interfaces import IBackendClient
 
@@ -44,13 +51,14 @@ OPEN = "open"
 #: The breaker gauge's values.
 BREAKER_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
-#: Error codes that say something is wrong with the backend itself: they
-#: count against its breaker and are retried on idempotent routes.
+#: The outcome labels of a backend fault (see L{is_backend_fault}): such a
+#: call counts against the backend's breaker and is retried on idempotent
+#: routes.
 FAILURE_CODES = frozenset({errors.BACKEND_UNAVAILABLE, errors.BACKEND_TIMEOUT,
                            errors.BACKEND_ERROR})
 
-#: Outcomes of a call as counted per backend; any code a backend answered
-#: itself (a 4xx, auth_failed, route_not_found) is C{backend_code}.
+#: Outcomes of a call as counted per backend; any answer refusing the call
+#: (every 4xx, whatever code the client gets) is C{backend_code}.
 OUTCOMES = ("ok", errors.BACKEND_UNAVAILABLE, errors.BACKEND_TIMEOUT,
             errors.BACKEND_ERROR, "backend_code")
 
@@ -67,6 +75,12 @@ class CircuitBreaker:
     Half-open: one trial call passes; its success closes the breaker, its
     failure opens it for another C{reset} seconds.
 
+    L{acquire} hands each call a ticket that its outcome is reported with.
+    A ticket from before the breaker last opened is stale: its call was sent
+    to a backend since judged failing, so its late result changes nothing
+    (and, above all, cannot free the half-open trial's slot while the trial
+    is still in flight).
+
     @param clock: an L{IReactorTime}.
     @param observer: called as C{observer(old_state, new_state)} on changes.
     """
@@ -79,13 +93,16 @@ class CircuitBreaker:
         self._state = CLOSED
         self._count = 0
         self._opened_at = 0.0
-        self._trial = False
+        #: Bumped at each opening; tickets carry the one they were taken in.
+        self._epoch = 0
+        #: The ticket of the half-open trial in flight, or None.
+        self._trial = None
 
     @property
     def state(self):
         if (self._state == OPEN
                 and self._clock.seconds() >= self._opened_at + self.reset):
-            self._trial = False
+            self._trial = None
             self._set(HALF_OPEN)
         return self._state
 
@@ -99,54 +116,80 @@ class CircuitBreaker:
         Whether a call may be sent now (without taking the trial).
         """
         state = self.state
-        return state == CLOSED or (state == HALF_OPEN and not self._trial)
+        return state == CLOSED or (state == HALF_OPEN and self._trial is None)
 
     def acquire(self):
         """
         Take the right to send one call: in the half-open state only one
         call at a time gets it.
 
-        @return: whether the call may be sent.
+        @return: a ticket to report the call's outcome with (to
+            L{succeeded}, L{failed} or L{released}), or C{None} when the
+            call may not be sent.
         """
         state = self.state
         if state == CLOSED:
-            return True
-        if state == HALF_OPEN and not self._trial:
-            self._trial = True
-            return True
-        return False
+            return _Ticket(self._epoch)
+        if state == HALF_OPEN and self._trial is None:
+            self._trial = _Ticket(self._epoch)
+            return self._trial
+        return None
 
-    def succeeded(self):
+    def _current(self, ticket):
         """
-        A call got an answer: the backend works.
+        Whether C{ticket}'s outcome may change the breaker: the trial's
+        always; any other only while closed and if taken since the last
+        opening.
         """
-        self._count = 0
-        self._trial = False
-        self._set(CLOSED)
+        if ticket is None:
+            return False
+        if ticket is self._trial:
+            self._trial = None
+            return True
+        return ticket.epoch == self._epoch and self.state == CLOSED
 
-    def failed(self):
+    def succeeded(self, ticket):
         """
-        A call failed because of the backend (no connection, a timeout, a
-        5xx or an unusable answer).
+        The call of C{ticket} got an answer: the backend works.
         """
-        state = self.state
-        self._trial = False
-        if state == HALF_OPEN or (state == CLOSED
-                                  and self._count + 1 >= self.failures):
+        if self._current(ticket):
             self._count = 0
+            self._set(CLOSED)
+
+    def failed(self, ticket):
+        """
+        The call of C{ticket} failed because of the backend (no connection,
+        a timeout, a 5xx or an unusable answer).
+        """
+        if not self._current(ticket):
+            return
+        if self._state == HALF_OPEN or self._count + 1 >= self.failures:
+            self._count = 0
+            self._epoch += 1
             self._opened_at = self._clock.seconds()
             self._set(OPEN)
-        elif state == CLOSED:
+        else:
             self._count += 1
-        # Open: a late failure of a call sent before it opened changes
-        # nothing.
 
-    def released(self):
+    def released(self, ticket):
         """
-        A call ended without saying anything about the backend (it was never
-        sent, or cancelled): a half-open breaker may try again.
+        The call of C{ticket} ended without saying anything about the
+        backend (it was never sent, or cancelled): if it was the half-open
+        trial, another call may try.
         """
-        self._trial = False
+        if ticket is not None and ticket is self._trial:
+            self._trial = None
+
+
+class _Ticket:
+    """
+    A breaker's permission for one call; its identity marks the trial.
+    """
+
+    __slots__ = ("epoch",)
+
+    def __init__(self, epoch):
+        self.epoch = epoch
 
 
 # Policies: each picks one of a non-empty list of usable members, given in
@@ -324,18 +367,18 @@ class RegistrationFailed(Exception):
 
 def _outcome(result):
     """
-    How a call's result counts: C{"ok"}, a failure code of L{FAILURE_CODES},
-    C{"backend_code"} (the backend answered, refusing), or C{None} when
-    nothing was learnt of the backend.
+    How a call's result counts: C{"ok"}, one of L{FAILURE_CODES} for a
+    backend fault (L{is_backend_fault}), C{"backend_code"} for any other
+    answer or code (the backend answered, refusing), or C{None} when nothing
+    was learnt of the backend.
     """
     if not isinstance(result, Failure):
         return "ok"
-    if result.check(GateError):
-        code = result.value.code
-        return code if code in FAILURE_CODES else "backend_code"
-    if result.check(BackendStatusError):
-        if result.value.status >= 500:
-            return errors.BACKEND_ERROR
+    error = result.value
+    if is_backend_fault(error):
+        code = getattr(error, "code", None)
+        return code if code in FAILURE_CODES else errors.BACKEND_ERROR
+    if isinstance(error, (GateError, BackendStatusError)):
         return "backend_code"
     return None
 
@@ -367,12 +410,12 @@ class _Call:
     def _attempt(self, last):
         self.pending = None
         owner = self.owner
-        member = owner._choose(self.key, self.tried)
+        member, ticket = owner._choose(self.key, self.tried)
         if member is None:
             self.result.errback(last or Failure(owner._none_usable()))
             return
         self.tried.append(member)
-        d = owner._send_to(member, self.send, self.deadline, self)
+        d = owner._send_to(member, ticket, self.send, self.deadline, self)
         self.pending = d
         d.addCallbacks(self._answered, self._failed)
 
@@ -387,8 +430,7 @@ class _Call:
             return None
         owner = self.owner
         n = len(self.tried)
-        if (n <= self.retries and failure.check(GateError)
-                and failure.value.code in FAILURE_CODES):
+        if n <= self.retries and is_backend_fault(failure.value):
             # Full jitter: anywhere up to the exponential step, so retries
             # of many sessions after one outage do not arrive together.
             delay = owner._random() * owner.retry_backoff * 2 ** (n - 1)
@@ -466,9 +508,8 @@ class BackendSet(Service):
         """
         The set of C{backend.urls}, every backend on one shared pool.
         """
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = config["backend.max_connections"]
-        pool.retryAutomatically = False
+        pool = HeadCappedPool(reactor, config["backend.max_connections"],
+                              config["backend.max_head"])
         http = HTTPClient(Agent(reactor, pool=pool))
         backends = [HTTPBackend(reactor, url, gate_id,
                                 config["backend.timeout"],
@@ -507,18 +548,18 @@ class BackendSet(Service):
 
     def _choose(self, key, tried=()):
         """
-        A usable member by the policy, preferring one not in C{tried}; its
-        breaker's permission is taken. C{None} when none is usable.
+        C{(member, ticket)}: a usable member by the policy, preferring one
+        not in C{tried}, and its breaker's ticket for the call;
+        C{(None, None)} when none is usable.
         """
         usable = [m for m in self.members if m.usable()]
         candidates = [m for m in usable if m not in tried] if tried else usable
         if not candidates:
             if not usable:
-                return None
+                return None, None
             candidates = usable
         member = self.policy.pick(candidates, key)
-        member.breaker.acquire()
-        return member
+        return member, member.breaker.acquire()
 
     def member_for(self, key):
         """
@@ -537,10 +578,11 @@ class BackendSet(Service):
                          f"configured: {down} failing health probes, the "
                          f"others' circuit breakers open)")
 
-    def _send_to(self, member, send, deadline, call=None):
+    def _send_to(self, member, ticket, send, deadline, call=None):
         """
         One attempt, C{send(member.backend)}, bounded by what is left until
-        C{deadline}, counted in the member's breaker and metrics.
+        C{deadline}, counted in the member's breaker (under C{ticket}) and
+        metrics.
 
         @param call: the L{_Call} it belongs to, if it may be retried.
         """
@@ -550,7 +592,7 @@ class BackendSet(Service):
         except Exception:
             # Refused before sending (an invalid route, say): nothing learnt.
             member.outstanding -= 1
-            member.breaker.released()
+            member.breaker.released(ticket)
             return fail()
         clock = self._clock
         remaining = deadline - clock.seconds()
@@ -565,20 +607,20 @@ class BackendSet(Service):
                 if timer.active():
                     timer.cancel()
                 elif isinstance(result, Failure):
-                    result = Failure(GateError(
+                    result = Failure(BackendCallError(
                         errors.BACKEND_TIMEOUT,
                         f"the backend did not answer within "
-                        f"{self.timeout:g}s"))
+                        f"{self.timeout:g}s", transport_failure=True))
             if call is not None and call.cancelled:
                 outcome = None
             else:
                 outcome = _outcome(result)
             if outcome is None:
-                member.breaker.released()
+                member.breaker.released(ticket)
             elif outcome in FAILURE_CODES:
-                member.breaker.failed()
+                member.breaker.failed(ticket)
             else:
-                member.breaker.succeeded()
+                member.breaker.succeeded(ticket)
             if outcome is not None and member.counters is not None:
                 member.counters[outcome].inc()
             return result
@@ -590,10 +632,10 @@ class BackendSet(Service):
         A call without retries: one attempt, without the bookkeeping of a
         L{_Call} (a Deferred and a callback chain less per call).
         """
-        member = self._choose(key)
+        member, ticket = self._choose(key)
         if member is None:
             return fail(self._none_usable())
-        return self._send_to(member, send,
+        return self._send_to(member, ticket, send,
                              self._clock.seconds() + self.timeout)
 
     def _count_retry(self):

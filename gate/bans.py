@@ -5,7 +5,8 @@ resume tokens issued to it before the ban are revoked for good.
 
 A small object with a small API (L{Bans.ban}, L{Bans.banned},
 L{Bans.revoked_before}) so that a store shared by several gates can stand
-in for it.
+in for it: L{SharedBans}, which keeps them in Redis where every gate's
+claim checks them.
 
 Tests: C{tests/test_bans.py}.
 """
@@ -84,3 +85,46 @@ class Bans:
             # A later ban of the same player pushed its own, later time.
             if entry is not None and entry[2] <= now:
                 del entries[player_id]
+
+
+class SharedBans:
+    """
+    Bans of gates sharing a Redis store (C{store.kind = redis}): recorded
+    there (L{mmogate_plugins.redis.RedisStore.ban}), with a TTL until the
+    ban and the tokens it revoked are over, and checked by the claim
+    script that every login, auth and resume runs on any gate (a resume
+    passes its token's C{iat}). So the gate itself holds none: L{banned}
+    and L{revoked_before} answer "no" and the store refuses the claim,
+    with no round trip of its own and no race with a ban made elsewhere.
+
+    @param store: the L{mmogate_plugins.redis.RedisStore}.
+    @param clock: an L{IReactorTime}.
+    @param token_ttl: the lifetime of the tokens a ban revokes.
+    """
+
+    shared = True
+
+    def __init__(self, store, clock, token_ttl):
+        self._store = store
+        self._clock = clock
+        self._token_ttl = token_ttl
+
+    def __len__(self):
+        return 0
+
+    def ban(self, player_id, until):
+        """
+        Ban C{player_id} until C{until} and revoke its tokens issued until
+        now, on every gate.
+
+        @return: L{Deferred} firing once Redis recorded it (failing with
+            L{gate.cluster.StoreUnavailable} when it cannot be reached).
+        """
+        return self._store.ban(player_id, until, self._clock.seconds(),
+                               self._token_ttl)
+
+    def banned(self, player_id):
+        return False
+
+    def revoked_before(self, player_id):
+        return None

@@ -188,10 +188,15 @@ class GateHandshake:
     @param signing_key: the gate's L{Ed25519PrivateKey}.
     @param ephemeral: the X25519 private key to use (default: a fresh one;
         fixed only for the test vector).
+    @param public: the raw bytes of C{signing_key}'s public key, which a
+        listener computes once rather than per handshake (default: derived
+        here).
     """
 
-    def __init__(self, signing_key, ephemeral=None):
+    def __init__(self, signing_key, ephemeral=None, public=None):
         self._signing_key = signing_key
+        self._public = public if public is not None else raw_public(
+            signing_key)
         self._ephemeral = ephemeral or X25519PrivateKey.generate()
 
     def receive(self, payload):
@@ -205,7 +210,7 @@ class GateHandshake:
         self._ephemeral = None  # one use: forward secrecy
         sig = self._signing_key.sign(signed_data(client_pub, gate_pub))
         c2g, g2c = handshake_keys(shared, client_pub, gate_pub)
-        reply = gate_hello(gate_pub, raw_public(self._signing_key), sig)
+        reply = gate_hello(gate_pub, self._public, sig)
         return reply, SecureChannel(send_key=g2c, recv_key=c2g)
 
 
@@ -272,8 +277,9 @@ class _Direction:
 
 
 def _is_rekey(plain):
-    # Cheap test first: a substring scan, parsed only when it may match.
-    if b'"rekey"' not in plain:
+    # Cheap test first: a substring scan, parsed only when it may match
+    # (literally, or spelt with JSON escapes such as "\u0072ekey").
+    if b'"rekey"' not in plain and b"\\u" not in plain:
         return False
     try:
         obj = json.loads(plain)

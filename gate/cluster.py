@@ -320,7 +320,16 @@ class Cluster:
     # Keeping this gate's part of the store alive.
 
     def heartbeat(self):
-        return self.bus.heartbeat(self.gate_id, self.players.online)
+        d = self.bus.heartbeat(self.gate_id, self.players.online)
+
+        def beaten(was_alive):
+            if was_alive is False:
+                # Counted as gone meanwhile (the heartbeat lapsed, or the
+                # store lost it): pushes for sessions here were stored but
+                # not sent here.
+                self._replay_missed()
+
+        return d.addCallback(beaten)
 
     def refresh(self, offline=False):
         """
@@ -344,10 +353,18 @@ class Cluster:
         for player, session, status in zip(players, sessions, statuses):
             if status == "ok":
                 continue
-            if status == "recreated":
-                self.log.warn("player {player_id} was missing from the "
-                              "store; put back as online here",
-                              player_id=player.player_id)
+            if status == "restored":
+                # Offline here, lost by the store, put back from its
+                # durable copy.
+                continue
+            if status in ("recreated", "adopted"):
+                if status == "recreated":
+                    self.log.warn("player {player_id} was missing from the "
+                                  "store; put back as online here",
+                                  player_id=player.player_id)
+                if session is not None and player.session is session:
+                    # Its durable copy may hold pushes it has not had.
+                    self._replay(player, session)
                 continue
             if session is not None:
                 if status == "elsewhere" and player.session is session:
@@ -386,14 +403,21 @@ class Cluster:
         Send each session here the pushes placed while the bus was down,
         after what it had and before anything new.
         """
-        mailboxes = self.players.mailboxes
         for player in list(self.players.players.values()):
             session = player.session
-            if session is None or session.closing or session.holding:
-                continue
-            session.begin_replay()
-            d = mailboxes.read_after(player.player_id,
-                                     max(session.delivered_seq,
-                                         player.claim_seq))
-            d.addCallbacks(lambda found, s=session: s.end_replay(*found),
-                           lambda failure, s=session: s.end_replay(None, []))
+            if session is not None:
+                self._replay(player, session)
+
+    def _replay(self, player, session):
+        """
+        Send C{session} the pushes of its player's mailbox after what it
+        has, before anything new.
+        """
+        if session.closing or session.closed or session.holding:
+            return
+        session.begin_replay()
+        d = self.players.mailboxes.read_after(player.player_id,
+                                              max(session.delivered_seq,
+                                                  player.claim_seq))
+        d.addCallbacks(lambda found: session.end_replay(*found),
+                       lambda failure: session.end_replay(None, []))

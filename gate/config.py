@@ -69,6 +69,11 @@ SCHEMA = (
         minimum=1),
     Key("limits.max_per_ip", int, 1000, "Client connections open at once "
         "from one IP address.", minimum=1),
+    Key("limits.connect_rate", float, 20.0, "New client connections per "
+        "second from one IP address (IPv6: one /64), over all client "
+        "listeners (token bucket); more are refused busy.", minimum=0.001),
+    Key("limits.connect_burst", int, 50, "New client connections one IP "
+        "address may open at once above limits.connect_rate.", minimum=1),
     Key("backend.url", str, "", "Base URL of the game backend; unset (with "
         "backend.urls unset) runs the bundled reference backend in-process."),
     Key("backend.urls", list, [], "Several backend base URLs, instead of "
@@ -105,6 +110,9 @@ SCHEMA = (
         "to the backend.", minimum=1),
     Key("backend.max_body", int, 4194304, "Largest backend answer in bytes; "
         "a larger one is backend_error.", minimum=1024),
+    Key("backend.max_head", int, 65536, "Largest status line and headers of "
+        "a backend answer in bytes; a larger one is backend_error.",
+        minimum=1024),
     Key("backend.events_max", int, 100000, "Lifecycle events kept for delivery "
         "while the backend is away; the oldest are dropped beyond it.", minimum=1),
     Key("backend.events_retry_max", float, 60.0, "Longest backoff between "

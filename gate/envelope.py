@@ -164,8 +164,9 @@ def parse(payload, max_depth=None):
         raise ProtocolViolation(errors.BAD_JSON, f"payload nests deeper than "
                                                  f"{max_depth} levels")
     if (b"\\ud" in payload or b"\\uD" in payload) and _lone_surrogate(obj):
-        raise ProtocolViolation(errors.BAD_JSON, "payload has a \\ud800-\\udfff "
-                                                 "escape without its pair")
+        raise ProtocolViolation(errors.BAD_JSON, "payload has a \\ud800-"
+                                                 "\\udfff escape without its "
+                                                 "pair")
     if not isinstance(obj, dict):
         raise ProtocolViolation(errors.BAD_JSON, "payload is not a JSON object")
     rid = obj.get("id")

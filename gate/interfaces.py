@@ -66,7 +66,7 @@ class IPlayerDirectory(Interface):
     single gate.
     """
 
-    def claim(player_id, gate_id, session_id, now, epoch=None):
+    def claim(player_id, gate_id, session_id, now, epoch=None, issued=None):
         """
         Record that C{player_id} is now on C{session_id} of C{gate_id}.
 
@@ -78,6 +78,10 @@ class IPlayerDirectory(Interface):
         @param epoch: for a resume, the incarnation the client's token
             names: the claim is made only if the player is known with that
             incarnation (a resume never creates a player).
+        @param issued: for a resume, its token's C{iat}: a directory that
+            keeps bans (the Redis store) refuses a token issued before one,
+            and refuses a banned player's claims, with a
+            L{gate.errors.GateError} (C{resume_rejected}, C{auth_failed}).
         @return: L{Deferred} firing with a L{gate.player.Claim}
             (C{previous} is the player's L{gate.player.Location} if it was
             online, else C{None}), or with C{None} when C{epoch} was given

@@ -1,7 +1,8 @@
 """
 Limits on what clients may make the gate do: connections open at once (in
-all and per address), the rate of a session's envelopes, and how a refused
-connection is told so, at the least cost to the gate.
+all and per address), new connections a second per address, the rate of a
+session's envelopes, and how a refused connection is told so, at the least
+cost to the gate.
 
 Tests: C{tests/test_limits.py}, C{tests/test_e2e_limits.py}.
 """
@@ -28,6 +29,17 @@ MAX_REFUSED_HEAD = 16384
 #: Reasons a connection is refused, as metrics label them.
 MAX_CONNECTIONS = "max_connections"
 MAX_PER_IP = "max_per_ip"
+RATE = "rate"
+
+#: Addresses whose connection rate is tracked at once. Past it the address
+#: seen least recently is forgotten (it starts again with a full burst), so
+#: a flood from many addresses costs bounded memory.
+MAX_RATE_ENTRIES = 65536
+
+#: Least recently seen entries checked (and dropped once full again) on
+#: each new connection: the table sheds idle addresses as it goes, without
+#: a timer or a sweep.
+PRUNE_PER_ADMIT = 2
 
 
 def address_key(host):
@@ -48,20 +60,90 @@ def address_key(host):
     return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
+class ConnectRate:
+    """
+    A token bucket per address (L{address_key}) on new connections:
+    C{limits.connect_rate} a second, C{limits.connect_burst} at once. A
+    handshake costs the gate far more than refusing, so one address must
+    not be able to make it do many a second.
+
+    An address absent from the table has a full bucket, so an entry is
+    dropped as soon as its bucket has refilled; the table is kept in the
+    order addresses were last seen, its oldest entries are dropped when
+    full again, and it never holds more than C{max_entries}.
+    """
+
+    def __init__(self, rate, burst, clock, max_entries=MAX_RATE_ENTRIES):
+        self.rate = rate
+        self.burst = burst
+        self.max_entries = max_entries
+        self._clock = clock
+        #: key -> (tokens, when), least recently seen first.
+        self._buckets = {}
+
+    def __len__(self):
+        return len(self._buckets)
+
+    def take(self, key):
+        """
+        Spend one of C{key}'s tokens.
+
+        @return: whether there was one.
+        """
+        now = self._clock.seconds()
+        buckets = self._buckets
+        entry = buckets.pop(key, None)
+        if entry is None:
+            tokens = self.burst
+        else:
+            tokens = min(self.burst,
+                         entry[0] + (now - entry[1]) * self.rate)
+        self._prune(now)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        if len(buckets) >= self.max_entries:
+            # Forget the address seen least recently.
+            del buckets[next(iter(buckets))]
+        buckets[key] = (tokens, now)
+        return allowed
+
+    def _prune(self, now):
+        buckets = self._buckets
+        for _ in range(PRUNE_PER_ADMIT):
+            if not buckets:
+                return
+            key = next(iter(buckets))
+            tokens, when = buckets[key]
+            if tokens + (now - when) * self.rate < self.burst:
+                return
+            del buckets[key]
+
+
 class ConnectionLimits:
     """
     Counts the client connections of one gate, over all its client
-    listeners, against C{limits.max_connections} and C{limits.max_per_ip}.
+    listeners, against C{limits.max_connections}, C{limits.max_per_ip} and
+    (with C{connect_rate}) C{limits.connect_rate} / C{limits.connect_burst}.
 
     L{admit} before a connection gets a protocol; L{release} once for each
     admitted connection when it is gone.
+
+    @param connect_rate: new connections a second one address may open
+        (C{None}: no limit); C{connect_burst} at once, on C{clock}.
     """
 
-    def __init__(self, max_connections, max_per_ip):
+    def __init__(self, max_connections, max_per_ip, connect_rate=None,
+                 connect_burst=None, clock=None):
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.open = 0
         self._per_key = {}
+        #: The L{ConnectRate} of new connections, or C{None}.
+        self.connect_rate = None
+        if connect_rate is not None:
+            self.connect_rate = ConnectRate(connect_rate, connect_burst,
+                                            clock)
         #: Refused connections still being answered (see L{Refusal}).
         self.refusing = 0
 
@@ -70,8 +152,12 @@ class ConnectionLimits:
         Count a new connection from C{host} (an IP address, or C{None} when
         the transport has none) unless it is over a limit.
 
+        Only a connection within the other limits spends a token of its
+        address's connect rate: refusing costs little, and a client at
+        C{max_per_ip} that waits for a slot is not also held back by it.
+
         @return: C{None} when admitted, else the reason it is refused
-            (L{MAX_CONNECTIONS} or L{MAX_PER_IP}).
+            (L{MAX_CONNECTIONS}, L{MAX_PER_IP} or L{RATE}).
         """
         if self.open >= self.max_connections:
             return MAX_CONNECTIONS
@@ -80,6 +166,9 @@ class ConnectionLimits:
             n = self._per_key.get(key, 0)
             if n >= self.max_per_ip:
                 return MAX_PER_IP
+            rate = self.connect_rate
+            if rate is not None and not rate.take(key):
+                return RATE
             self._per_key[key] = n + 1
         self.open += 1
         return None
@@ -202,6 +291,9 @@ class Refusal(Protocol):
 def refusal_message(reason):
     if reason == MAX_PER_IP:
         return "too many connections from your address; try again later"
+    if reason == RATE:
+        return ("too many new connections from your address; try again "
+                "later")
     return "the gate has too many connections; try again later"
 
 

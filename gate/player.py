@@ -129,7 +129,7 @@ class PlayerManager:
         if self._metrics is not None:
             self._metrics.players(self.online, len(self.players) - self.online)
 
-    def bind(self, session, player_id, epoch=None):
+    def bind(self, session, player_id, epoch=None, issued=None):
         """
         Bind C{session} to C{player_id}, replacing any session the player
         has; binds of one player run one at a time, so two racing logins end
@@ -138,6 +138,8 @@ class PlayerManager:
         @param epoch: for a resume, the incarnation named by its token; the
             bind fails with C{resume_rejected} unless the player lives with
             that incarnation.
+        @param issued: for a resume, its token's C{iat} (a shared directory
+            checks it against bans).
         @return: L{Deferred} firing with the L{Player}, or with C{None} if the
             session closed meanwhile.
         """
@@ -153,7 +155,7 @@ class PlayerManager:
         if player.expiry is not None and player.expiry.active():
             player.expiry.cancel()
         player.expiry = None
-        d = player.lock.run(self._bind, session, player, epoch)
+        d = player.lock.run(self._bind, session, player, epoch, issued)
         d.addBoth(self._after_bind, player)
         return d
 
@@ -173,7 +175,7 @@ class PlayerManager:
                                                       self._expire, player)
         return result
 
-    def _bind(self, session, player, epoch=None):
+    def _bind(self, session, player, epoch=None, issued=None):
         if session.closed or session.closing:
             return succeed(None)
         if session.player is not None and session.player is not player:
@@ -184,7 +186,7 @@ class PlayerManager:
         now = self._clock.seconds()
         self.binding[session.id] = player.player_id
         d = self.directory.claim(player.player_id, self.gate_id, session.id,
-                                 now, epoch)
+                                 now, epoch, issued)
 
         def claimed(claim):
             self.binding.pop(session.id, None)
@@ -449,9 +451,18 @@ class PlayerManager:
             with whether its gate got the kick).
         """
         if ban_seconds is not None:
-            self.bans.ban(player_id, self._clock.seconds() + ban_seconds)
+            recorded = self.bans.ban(player_id,
+                                     self._clock.seconds() + ban_seconds)
             self.log.info("player {player_id} banned for {seconds}s",
                           player_id=player_id, seconds=ban_seconds)
+            if recorded is not None:
+                # Shared bans (gate.bans.SharedBans): kick once every
+                # gate's claims refuse the player.
+                return recorded.addCallback(
+                    lambda _: self._kick(player_id, reason, msg))
+        return self._kick(player_id, reason, msg)
+
+    def _kick(self, player_id, reason, msg):
         player = self.players.get(player_id)
         if player is None or player.session is None:
             if self.cluster is not None:

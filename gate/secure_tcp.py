@@ -5,7 +5,9 @@ later payload sealed by a L{gate.channel.SecureChannel}.
 
 No session exists until the client's hello has been answered: a connection
 that sends anything else first, or nothing within C{session.login_timeout},
-is closed without a word and costs the gate no session. Channel failures
+is closed without a word and costs the gate no session; the session's login
+timeout counts from the connection's accept, not from the hello. Channel
+failures
 (a bad counter, a frame that does not authenticate) likewise end the
 connection without an answer; everything else (bad JSON, oversized
 envelopes, kicks) is answered as on plain TCP, sealed.
@@ -15,7 +17,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from gate.channel import OVERHEAD, ChannelError, GateHandshake
+from gate.channel import OVERHEAD, ChannelError, GateHandshake, raw_public
 from gate.connection import ClosingTimer, OutputFlow, SessionFactory, peer_of
 from gate.framing import FrameDecoder, FrameTooLarge, frame
 from gate.limits import TCPRefusal
@@ -55,9 +57,11 @@ class GateSecureTCPProtocol(GateTCPProtocol):
         # The limit every frame has, but never too small for a hello.
         self._decoder = FrameDecoder(max(factory.max_frame, MIN_HELLO_LIMIT))
         self._closer = ClosingTimer(factory.clock)
-        self._handshake = GateHandshake(factory.signing_key)
+        self._handshake = GateHandshake(factory.signing_key,
+                                        public=factory.signing_public)
         self._rekey_call = None
         self._ended = False
+        self._accepted = factory.clock.seconds()
         self._handshake_call = factory.clock.callLater(
             factory.handshake_timeout, self._handshake_timed_out)
 
@@ -100,7 +104,9 @@ class GateSecureTCPProtocol(GateTCPProtocol):
         self.transport.write(frame(reply))
         self._rekey_call = factory.clock.callLater(factory.rekey_seconds,
                                                    self._rekey_timer)
-        self.session = session = factory.sessions.open(self)
+        # One login timeout from the accept: the hello's wait is part of it.
+        self.session = session = factory.sessions.open(
+            self, accepted=self._accepted)
         self._flow = OutputFlow(self.transport, factory.max_outbuf,
                                 session.slow_consumer, session.writable,
                                 lambda: session.replaying)
@@ -119,6 +125,9 @@ class GateSecureTCPProtocol(GateTCPProtocol):
                 break
             if plain is not None:
                 session.receive(plain)
+            else:
+                # A client's rekey costs work too: it is rate limited.
+                session.consumed()
 
     def _violation(self, code, why):
         # Debug only: a flood of garbage must not become a flood of logs.
@@ -162,6 +171,8 @@ class GateSecureTCPProtocol(GateTCPProtocol):
             return
         if self.channel.send_counter:
             self._write(self.channel.rekey_framed())
+            if self._ended:
+                return  # the write overflowed: kicked slow_consumer
         self._rekey_call = self.factory.clock.callLater(
             self.factory.rekey_seconds, self._rekey_timer)
 
@@ -182,6 +193,10 @@ class GateSecureTCPProtocol(GateTCPProtocol):
         channel = self.channel
         if channel.rekey_due(self.factory.rekey_frames):
             self._write(channel.rekey_framed())
+            if self._ended:
+                # That write overflowed session.max_outbuf and the kick it
+                # caused is out, closing: nothing may follow it.
+                return
             if self._rekey_call is not None:
                 self._rekey_call.reset(self.factory.rekey_seconds)
         self._write(channel.seal_framed(outgoing.payload))
@@ -207,6 +222,8 @@ class GateSecureTCPFactory(SessionFactory, Factory):
                  rekey_seconds=3600.0, handshake_timeout=30.0):
         self.setup(sessions, max_frame, clock, max_outbuf)
         self.signing_key = signing_key
+        #: Its raw public key, for every handshake's hello.
+        self.signing_public = raw_public(signing_key)
         self.rekey_frames = rekey_frames
         self.rekey_seconds = rekey_seconds
         self.handshake_timeout = handshake_timeout

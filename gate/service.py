@@ -23,6 +23,7 @@ from gate.backend import HTTPBackend
 from gate.cluster import Cluster
 from gate.drain import Drainer, NotRunning
 from gate.balancer import BackendSet
+from gate.bans import SharedBans
 from gate.events import EventSender
 from gate.health import health_site
 from gate.keys import load_or_create
@@ -192,6 +193,10 @@ class GateService(MultiService):
                 # Redis numbers, stores and routes the pushes of every
                 # gate in one step (docs/cluster.md).
                 mailboxes = self.store
+                if self.postgres is not None:
+                    # ... and PostgreSQL keeps the durable copy
+                    # (docs/persistence.md).
+                    self.store.durable = self.postgres.mailboxes
         if mailboxes is None or directory is None:
             from mmogate_plugins.memory import (MemoryMailboxStore,
                                                 MemoryPlayerDirectory)
@@ -216,7 +221,8 @@ class GateService(MultiService):
                                   config["backend.timeout"],
                                   config["backend.secret"],
                                   config["backend.max_connections"],
-                                  max_body=config["backend.max_body"])
+                                  max_body=config["backend.max_body"],
+                                  max_head=config["backend.max_head"])
             if not config["backend.url"]:
                 self._add_reference_backend()
         self.backend = backend
@@ -233,6 +239,11 @@ class GateService(MultiService):
                                      mailboxes, self.events,
                                      config["player.idle_timeout"],
                                      self.metrics,
+                                     bans=(SharedBans(self.store, reactor,
+                                                      config["auth.resume_ttl"])
+                                           if directory is self.store
+                                           and self.store is not None
+                                           else None),
                                      token_ttl=config["auth.resume_ttl"])
         self.sessions = SessionManager(reactor, config, self.players,
                                        self.pool, backend, self.tokens,
@@ -394,7 +405,9 @@ class GateService(MultiService):
         if self.store is not None and not self.store.reachable:
             return "store unreachable"
         if (self.postgres is not None and not self.postgres.reachable
-                and self.players.mailboxes is self.postgres.mailboxes):
+                and (self.players.mailboxes is self.postgres.mailboxes
+                     or getattr(self.players.mailboxes, "durable", None)
+                     is self.postgres.mailboxes)):
             # (The audit log alone waits for it in a bounded buffer.)
             return f"PostgreSQL unreachable: {self.postgres.problem}"
         return None

@@ -170,6 +170,21 @@ class Session:
                                    f"over the rate of {manager.rate:g} "
                                    f"requests a second; slow down"))
 
+    def consumed(self):
+        """
+        The connection read a frame it handled itself (an encrypted
+        channel's C{rekey}): it costs what a C{ping} does of the allowance,
+        and over it counts a strike, unanswered, so a flood of them is
+        closed like any other.
+        """
+        if self.closed or self.closing:
+            return
+        now = self.last_recv = self._clock.seconds()
+        if not self._bucket.take(CHEAP_COST, now):
+            self._rate_limited(None, False)
+        elif self._strikes:
+            self._strikes -= 1
+
     def frame_too_large(self, size, limit):
         self.manager.bad_input(self, errors.FRAME_TOO_LARGE)
         self.fail(errors.FRAME_TOO_LARGE,
@@ -421,9 +436,13 @@ class Session:
 
     # Login timeout: a connection must bind (login, auth or resume) in time.
 
-    def start_login_timer(self, timeout):
-        self._login_timer = self._clock.callLater(timeout, self._login_expired,
-                                                  timeout)
+    def start_login_timer(self, timeout, delay=None):
+        """
+        Close the session unless bound within C{delay} seconds (default
+        C{timeout}, the C{session.login_timeout} its message names).
+        """
+        self._login_timer = self._clock.callLater(
+            timeout if delay is None else delay, self._login_expired, timeout)
 
     def _stop_login_timer(self):
         timer, self._login_timer = self._login_timer, None
@@ -494,7 +513,9 @@ class SessionManager:
         self.close_after = config["drain.close_after"]
         #: Client connections of every client listener of this gate.
         self.limits = ConnectionLimits(config["limits.max_connections"],
-                                       config["limits.max_per_ip"])
+                                       config["limits.max_per_ip"],
+                                       config["limits.connect_rate"],
+                                       config["limits.connect_burst"], clock)
         self.players = players
         self.pool = pool
         self.backend = backend
@@ -507,10 +528,13 @@ class SessionManager:
         self.accepting = True
         self._empty_waiters = []
 
-    def open(self, connection):
+    def open(self, connection, accepted=None):
         """
         A client connected.
 
+        @param accepted: when the connection was accepted, if before now
+            (an encrypted channel's handshake came first): the login
+            timeout counts from then.
         @return: its L{Session}.
         """
         session_id = secrets.token_hex(8)
@@ -518,7 +542,10 @@ class SessionManager:
         self.sessions[session_id] = session
         self._audit("connect", session, None)
         session.start_heartbeat(self.heartbeat_ttl)
-        session.start_login_timer(self.login_timeout)
+        delay = self.login_timeout
+        if accepted is not None:
+            delay = max(0.0, accepted + delay - self._clock.seconds())
+        session.start_login_timer(self.login_timeout, delay)
         if self._metrics is not None:
             self._metrics.session_opened(connection.transport_name)
         self.log.debug("session {session_id} opened from {peer} over "
@@ -636,9 +663,11 @@ class SessionManager:
             raise GateError(errors.RESUME_REJECTED,
                             "the token names no incarnation of the player")
         # The directory checks the incarnation as it claims (on any gate):
-        # a player expired or never seen is rejected there.
+        # a player expired or never seen is rejected there (and, with bans
+        # shared through it, a token issued before a ban).
         return self._bind(session, env.id, player_id, None,
-                          replay_after=env["last_seq"], epoch=epoch)
+                          replay_after=env["last_seq"], epoch=epoch,
+                          issued=claims.get("iat"))
 
     def _refuse_banned(self, player_id):
         if self.players.bans.banned(player_id):
@@ -646,14 +675,14 @@ class SessionManager:
                             f"player {player_id[:64]!r} is banned for now")
 
     def _bind(self, session, rid, player_id, data, replay_after=None,
-              epoch=None):
+              epoch=None, issued=None):
         """
         Bind, answer C{resp}, and for a resume send the mailbox after
         C{replay_after}; live pushes wait until all of that is written.
         """
         session.begin_replay()
         mailboxes = self.players.mailboxes
-        d = self.players.bind(session, player_id, epoch)
+        d = self.players.bind(session, player_id, epoch, issued)
 
         def bound(player):
             if player is None:

@@ -90,7 +90,8 @@ class MemoryPlayerDirectory:
     def __init__(self):
         self._players = {}
 
-    def claim(self, player_id, gate_id, session_id, now, epoch=None):
+    def claim(self, player_id, gate_id, session_id, now, epoch=None,
+              issued=None):
         previous = self._players.get(player_id)
         if previous is None:
             if epoch is not None:

@@ -76,6 +76,16 @@ MIGRATIONS = (
     CREATE INDEX mmogate_audit_session ON mmogate_audit (session_id, ts, id)
         WHERE session_id IS NOT NULL;
     """,
+    # 2: the durable copy of mailboxes that Redis numbers (store.kind =
+    # redis): the player's incarnation, and when its copy was last written
+    # (NULL for mailboxes numbered here), so that a copy older than
+    # player.idle_timeout counts as expired.
+    """
+    ALTER TABLE mmogate_mailbox_state ADD COLUMN epoch text;
+    ALTER TABLE mmogate_mailbox_state ADD COLUMN touched double precision;
+    CREATE INDEX mmogate_mailbox_state_touched
+        ON mmogate_mailbox_state (touched) WHERE touched IS NOT NULL;
+    """,
 )
 
 #: First key of the advisory lock taken while migrating (the second is the
@@ -91,6 +101,11 @@ MAX_PENDING = 10000
 
 #: Writes committed in one transaction at most.
 MAX_GROUP = 500
+
+#: Players whose acks wait to be mirrored (store.kind = redis); acks of
+#: more players are dropped (they only trim: a copy restored later may
+#: hold pushes the client had acked).
+MAX_ACKS = 100000
 
 #: Audit rows are written this often, or as soon as AUDIT_BATCH wait.
 AUDIT_INTERVAL = 0.5
@@ -628,6 +643,15 @@ def _sweep(cursor, mailbox_cutoff, audit_cutoff):
         " SELECT ctid FROM mmogate_mailbox WHERE ts <= %s LIMIT %s))",
         (mailbox_cutoff, SWEEP_ROWS))
     deleted = max(deleted, cursor.rowcount)
+    # Durable copies (store.kind = redis) not written for idle_timeout:
+    # expired with their Redis entries.
+    cursor.execute(
+        "DELETE FROM mmogate_mailbox_state WHERE player_id = ANY(ARRAY("
+        " SELECT s.player_id FROM mmogate_mailbox_state s"
+        " WHERE s.touched <= %s AND NOT EXISTS (SELECT 1 FROM"
+        " mmogate_mailbox m WHERE m.player_id = s.player_id) LIMIT %s))",
+        (mailbox_cutoff, SWEEP_ROWS))
+    deleted = max(deleted, cursor.rowcount)
     if audit_cutoff is not None:
         cursor.execute(
             "DELETE FROM mmogate_audit WHERE id = ANY(ARRAY("
@@ -775,6 +799,180 @@ def _drop(cursor, player_id):
                    (player_id,))
 
 
+# The durable copy of mailboxes numbered by Redis (store.kind = redis).
+
+#: The counter and incarnation of copies, raised (never lowered) by each
+#: write; a copy of another incarnation starts over. Answers each player's
+#: counters after the write and whether its copy was of another
+#: incarnation (read before, without a lock: only a racing change of
+#: incarnation could be missed). C{%(rows)s} is a statement that may use
+#: C{up}, the counters after the write.
+_UPSERT_COPY = """
+WITH req AS (
+    SELECT * FROM unnest(%%(player)s::text[], %%(seq)s::bigint[],
+                         %%(acked)s::bigint[], %%(epoch)s::text[])
+        AS r(player_id, seq, acked, epoch)
+), old AS (
+    SELECT s.player_id, s.epoch FROM mmogate_mailbox_state s
+    JOIN req r USING (player_id)
+), up AS (
+    INSERT INTO mmogate_mailbox_state AS s (player_id, last_seq, acked,
+                                            epoch, touched)
+    SELECT player_id, seq, acked, epoch, %%(now)s FROM req ORDER BY player_id
+    ON CONFLICT (player_id) DO UPDATE SET
+        last_seq = CASE WHEN s.epoch IS DISTINCT FROM excluded.epoch
+                   THEN excluded.last_seq
+                   ELSE greatest(s.last_seq, excluded.last_seq) END,
+        acked = CASE WHEN s.epoch IS DISTINCT FROM excluded.epoch
+                THEN excluded.acked
+                ELSE greatest(s.acked, excluded.acked) END,
+        epoch = excluded.epoch,
+        touched = greatest(s.touched, excluded.touched)
+    RETURNING s.player_id, s.last_seq, s.acked
+), rows AS (
+    %(rows)s
+)
+SELECT up.player_id, up.last_seq, up.acked,
+       old.player_id IS NOT NULL AND old.epoch IS DISTINCT FROM r.epoch
+FROM up JOIN req r USING (player_id) LEFT JOIN old USING (player_id)
+"""
+
+#: Writes the rows of pushes, but none at or below the acked seq or
+#: beyond player.mailbox_max.
+_STORE_ROWS = _UPSERT_COPY % {"rows": """
+    INSERT INTO mmogate_mailbox (player_id, seq, ts, route, data)
+    SELECT x.player_id, x.seq, x.ts, x.route, x.data
+    FROM unnest(%(r_player)s::text[], %(r_seq)s::bigint[],
+                %(r_ts)s::float8[], %(r_route)s::text[], %(r_data)s::text[])
+        AS x(player_id, seq, ts, route, data)
+    JOIN up USING (player_id)
+    WHERE x.seq > up.acked AND x.seq > up.last_seq - %(max)s
+    ON CONFLICT (player_id, seq) DO UPDATE SET ts = excluded.ts,
+        route = excluded.route, data = excluded.data
+"""}
+
+#: Deletes the rows acked.
+_ACK_ROWS = _UPSERT_COPY % {"rows": """
+    DELETE FROM mmogate_mailbox m USING up
+    WHERE m.player_id = up.player_id AND m.seq <= up.acked
+"""}
+
+#: A player's copy is trimmed to player.mailbox_max when a write brings
+#: one of its seqs to a multiple of this: so at most this many pushes
+#: beyond it are kept meanwhile (snapshots read no more than the limit).
+TRIM_EVERY = 32
+
+
+def _write_copy(cursor, statement, args, players, keep):
+    """
+    Run C{statement} (L{_STORE_ROWS} or L{_ACK_ROWS}), then empty the
+    copies that were of another incarnation but for the rows C{keep} (a
+    dict of player id to the seqs just written).
+
+    @return: C{{player_id: (last_seq, acked)}} after the write.
+    """
+    cursor.execute(statement, args)
+    state, changed = {}, []
+    for player_id, last_seq, done, other in cursor.fetchall():
+        state[player_id] = (last_seq, done)
+        if other:
+            changed.append(player_id)
+    for player_id in changed:
+        # Redis made the player anew: its seqs started over.
+        cursor.execute("DELETE FROM mmogate_mailbox WHERE player_id = %s"
+                       " AND NOT seq = ANY(%s)",
+                       (player_id, keep.get(player_id, [])))
+    return state
+
+
+def _store_numbered_batch(cursor, calls):
+    """
+    Write the entries of several pushes, numbered by Redis, in one
+    statement for all of them: each player's counter raised to at least
+    its highest seq, and rows with the given seqs (a row written again is
+    replaced) except those at or below the acked seq or beyond
+    C{player.mailbox_max}.
+
+    @param calls: C{(entries, ts, route, encoded, max_entries, now)} per
+        push, C{entries} a list of C{(player_id, seq, epoch)}.
+    """
+    epochs, top, rows = {}, {}, {}
+    trim = set()
+    now = 0.0
+    maximum = calls[0][4]
+    for entries, ts, route, encoded, _, when in calls:
+        now = max(now, when)
+        value = (ts, route, encoded)
+        for player_id, seq, epoch in entries:
+            epochs[player_id] = epoch
+            if seq > top.get(player_id, 0):
+                top[player_id] = seq
+            rows[(player_id, seq)] = value
+            if seq % TRIM_EVERY == 0 and seq > maximum:
+                trim.add(player_id)
+    players = sorted(epochs)
+    keys = sorted(rows)
+    keep = {}
+    for player_id, seq in keys:
+        keep.setdefault(player_id, []).append(seq)
+    state = _write_copy(cursor, _STORE_ROWS, {
+        "player": players, "seq": [top[p] for p in players],
+        "acked": [0] * len(players), "epoch": [epochs[p] for p in players],
+        "now": now, "max": maximum,
+        "r_player": [p for p, _ in keys], "r_seq": [q for _, q in keys],
+        "r_ts": [rows[k][0] for k in keys],
+        "r_route": [rows[k][1] for k in keys],
+        "r_data": [rows[k][2] for k in keys]}, players, keep)
+    if trim:
+        trimmed = sorted(trim)
+        cursor.execute(
+            "DELETE FROM mmogate_mailbox m USING unnest(%s::text[],"
+            " %s::bigint[]) AS c(player_id, cut)"
+            " WHERE m.player_id = c.player_id AND m.seq <= c.cut",
+            (trimmed, [state[p][0] - maximum for p in trimmed]))
+    return [None] * len(calls)
+
+
+def _store_numbered(cursor, *call):
+    _store_numbered_batch(cursor, [call])
+
+
+_store_numbered.batch = _store_numbered_batch
+
+
+def _mirror_acks(cursor, acks, now):
+    """
+    Acks Redis recorded, in one statement: C{acks} maps player id to
+    C{(seq, epoch)}.
+    """
+    players = sorted(acks)
+    seqs = [acks[p][0] for p in players]
+    _write_copy(cursor, _ACK_ROWS, {
+        "player": players, "seq": seqs, "acked": seqs,
+        "epoch": [acks[p][1] for p in players], "now": now}, players, {})
+
+
+def _snapshot(cursor, player_ids, cutoff, max_entries):
+    cursor.execute(
+        "SELECT s.player_id, s.epoch, s.last_seq, s.acked, m.seq, m.ts,"
+        " m.route, m.data"
+        " FROM mmogate_mailbox_state s LEFT JOIN mmogate_mailbox m"
+        " ON m.player_id = s.player_id AND m.seq > s.acked AND m.ts > %s"
+        " AND m.seq > s.last_seq - %s"
+        " WHERE s.player_id = ANY(%s) AND s.epoch IS NOT NULL"
+        " AND s.touched > %s ORDER BY s.player_id, m.seq",
+        (cutoff, max_entries, list(player_ids), cutoff))
+    found = {}
+    for player_id, epoch, last_seq, acked, seq, ts, route, data \
+            in cursor.fetchall():
+        snapshot = found.get(player_id)
+        if snapshot is None:
+            snapshot = found[player_id] = (epoch, last_seq, acked, [])
+        if seq is not None:
+            snapshot[3].append(Entry(seq, ts, route, json.loads(data)))
+    return found
+
+
 def _scalar(cursor, query, args, default):
     cursor.execute(query, args)
     row = cursor.fetchone()
@@ -800,10 +998,17 @@ class PostgresMailboxStore:
         self._db = db
         self._max_entries = max_entries
         self._max_age = max_age
+        self._acks = {}
+        self._acks_writing = False
+        self._acks_dropped = 0
 
     @property
     def reachable(self):
         return self._db.reachable
+
+    @property
+    def problem(self):
+        return self._db.problem
 
     def _cutoff(self):
         return self._db.clock.seconds() - self._max_age
@@ -842,6 +1047,82 @@ class PostgresMailboxStore:
     def drop(self, player_id):
         return self._db.write(_drop, player_id).addErrback(
             self._lost, "drop", player_id)
+
+    # The durable copy of mailboxes Redis numbers (store.kind = redis).
+
+    def store_numbered(self, entries, ts, route, data):
+        """
+        Write one push as Redis numbered it: C{entries} holds C{(player_id,
+        seq, epoch)} per recipient. Through the ordered write lane, all
+        recipients in one transaction (with the writes queued beside it);
+        a player whose copy is of another incarnation starts over.
+
+        @return: L{Deferred} firing once committed.
+        """
+        if "\x00" in route or any("\x00" in e[0] for e in entries):
+            return fail(ValueError("PostgreSQL cannot store a player id or "
+                                   "route containing NUL"))
+        encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False,
+                             allow_nan=False)
+        return self._db.write(_store_numbered, entries, ts, route, encoded,
+                              self._max_entries, self._db.clock.seconds())
+
+    def mirror_ack(self, player_id, seq, epoch):
+        """
+        Record an ack Redis took: off the session's path, coalesced per
+        player (the highest seq counts) and written in one statement for
+        all the players whose acks came while the last write ran. At most
+        L{MAX_ACKS} players wait; beyond that acks are dropped (logged).
+        """
+        acks = self._acks
+        current = acks.get(player_id)
+        if current is not None and current[1] == epoch:
+            if seq > current[0]:
+                acks[player_id] = (seq, epoch)
+        elif current is None and len(acks) >= MAX_ACKS:
+            self._acks_dropped += 1
+            if self._acks_dropped in (1, 1000) or \
+                    self._acks_dropped % 100000 == 0:
+                self.log.warn("{n} acks not mirrored to PostgreSQL: too "
+                              "many waiting", n=self._acks_dropped)
+            return
+        else:
+            acks[player_id] = (seq, epoch)
+        if not self._acks_writing:
+            self._write_acks()
+
+    def _write_acks(self):
+        acks, self._acks = self._acks, {}
+        if not acks:
+            self._acks_writing = False
+            return
+        self._acks_writing = True
+        player_id = next(iter(acks))
+        d = self._db.write(_mirror_acks, acks, self._db.clock.seconds())
+        d.addErrback(self._lost, "ack mirror", player_id)
+        d.addBoth(lambda _: self._write_acks())
+
+    def acks_written(self):
+        """
+        @return: L{Deferred} firing once no mirrored ack waits (tests).
+        """
+        if not self._acks_writing:
+            return succeed(None)
+        return self._db.wait_written().addCallback(
+            lambda _: self.acks_written())
+
+    def snapshot(self, player_ids):
+        """
+        The durable copies of C{player_ids} that are not expired (written
+        within C{player.idle_timeout}): through the write lane, so after
+        this gate's writes before it.
+
+        @return: L{Deferred} firing with C{{player_id: (epoch, last_seq,
+            acked, entries)}}, C{entries} the retained pushes after the
+            acked seq, oldest first.
+        """
+        return self._db.write(_snapshot, list(player_ids), self._cutoff(),
+                              self._max_entries)
 
     def _lost(self, failure, what, player_id):
         self.log.warn("PostgreSQL mailbox {what} for player {player_id} "

@@ -39,6 +39,7 @@ from gate.interfaces import IClusterBus, IMailboxStore, IPlayerDirectory
 from gate.mailbox import Entry
 from gate.player import Claim, Location
 from mmogate_plugins import redis_scripts
+from mmogate_plugins.postgres import StoreUnavailable as PostgresUnavailable
 
 #: Players per script call of a push or a refresh: a push to more is split,
 #: so that one call never holds Redis for long (each player's pushes stay
@@ -603,24 +604,107 @@ class RedisStore:
         return succeed(None)
 
     def place(self, gate_id, player_ids, head, ts, persist):
+        durable = self.durable
+        if durable is None:
+            return self._place_all(player_ids, head, ts, persist, False)
+        if persist and not durable.reachable:
+            # Refused before Redis takes it: a retry cannot duplicate it.
+            return fail(PostgresUnavailable(
+                f"PostgreSQL unavailable: {durable.problem}"))
+        d = self._place_all(player_ids, head, ts, persist, True)
+        d.addCallback(self._place_known, durable, player_ids, head, ts,
+                      persist)
+        if persist:
+            d.addCallback(self._write_through, durable, player_ids, head, ts)
+        return d.addCallback(lambda results: [r[:2] for r in results])
+
+    def _place_all(self, player_ids, head, ts, persist, epochs):
         chunks = [player_ids[i:i + CHUNK]
                   for i in range(0, len(player_ids), CHUNK)]
-        d = gatherResults([self._place(chunk, head, ts, persist)
+        d = gatherResults([self._place(chunk, head, ts, persist, epochs)
                            for chunk in chunks], consumeErrors=True)
         d.addErrback(_first_error)
         return d.addCallback(lambda parts: [r for part in parts
                                             for r in part])
 
-    def _place(self, player_ids, head, ts, persist):
+    def _place(self, player_ids, head, ts, persist, epochs=False):
+        epochs = epochs and persist
         keys = []
         for player_id in player_ids:
             keys += self._keys(player_id)
         d = self._eval("place", keys,
-                       [b"1" if persist else b"0", head, float(ts),
-                        self.max_entries, self.prefix, *player_ids])
+                       [(b"2" if epochs else b"1") if persist else b"0",
+                        head, float(ts), self.max_entries, self.prefix,
+                        *player_ids])
+        if epochs:
+            return d.addCallback(lambda reply: [
+                (_STATUS[reply[i]], int(reply[i + 1]), _s(reply[i + 2]))
+                for i in range(0, len(reply), 3)])
         return d.addCallback(lambda reply: [
             (_STATUS[reply[i]], int(reply[i + 1]))
             for i in range(0, len(reply), 2)])
+
+    def _place_known(self, results, durable, player_ids, head, ts, persist):
+        """
+        Players Redis does not know may be known to the durable copy (Redis
+        lost them): a persistent push puts them back (offline, without a
+        gate) and is placed for them; a transient one counts them offline.
+        """
+        unknown = [i for i, r in enumerate(results) if r[0] == "unknown"]
+        if not unknown:
+            return results
+        ids = [player_ids[i] for i in unknown]
+
+        def found(snapshots):
+            known = [i for i, player_id in zip(unknown, ids)
+                     if player_id in snapshots]
+            if not known:
+                return results
+            if not persist:
+                for i in known:
+                    results[i] = ("offline", 0, "")
+                return results
+            now = float(self.time.seconds())
+            restores = []
+            for i in known:
+                player_id = player_ids[i]
+                snapshot = snapshots[player_id]
+                restores.append(self._eval(
+                    "restore", self._keys(player_id),
+                    ["", "", now, snapshot[0], 0, self.key_ttl_ms]
+                    + _seed_args(snapshot, self.max_entries)))
+            # On the same connection, so after the restores.
+            again = self._place_all([player_ids[i] for i in known], head,
+                                    ts, True, True)
+            d = gatherResults(restores + [again], consumeErrors=True)
+            d.addErrback(_first_error)
+
+            def placed(answers):
+                for i, result in zip(known, answers[-1]):
+                    results[i] = result
+                return results
+
+            return d.addCallback(placed)
+
+        d = durable.snapshot(ids)
+        if not persist:
+            # Without the copy a transient push counts them unknown.
+            d.addErrback(lambda _: {})
+        return d.addCallback(found)
+
+    def _write_through(self, results, durable, player_ids, head, ts):
+        """
+        Write the entries Redis numbered to the durable copy; the push is
+        answered once they are committed (a failure answers 503).
+        """
+        entries = [(player_id, seq, epoch)
+                   for player_id, (_, seq, epoch) in zip(player_ids, results)
+                   if seq > 0]
+        if not entries:
+            return results
+        push = loads(head + b"}")
+        d = durable.store_numbered(entries, ts, push["route"], push["data"])
+        return d.addCallback(lambda _: results)
 
     def send_to_player(self, player_id, op, payload):
         return self._eval("send", [self._dir(player_id)],
@@ -640,8 +724,14 @@ class RedisStore:
             _s(reply[i]): int(reply[i + 1]) for i in range(0, len(reply), 2)})
 
     def heartbeat(self, gate_id, online):
+        """
+        @return: L{Deferred} firing with whether the heartbeat was still
+            there (if not, the gate counted as gone and pushes for its
+            sessions were stored without being sent to it).
+        """
         d = self._eval("heartbeat", [], [self.prefix, gate_id, online,
                                          int(self.gate_ttl * 1000)])
+        d.addCallback(lambda was: was == 1)
         sub = self._sub.proto if self._sub is not None else None
         if sub is not None:
             # A subscriber that stopped answering is dropped (by the reply
@@ -659,12 +749,63 @@ class RedisStore:
 
     def _refresh(self, gate_id, players):
         keys = []
-        args = [gate_id, self.key_ttl_ms, float(self.time.seconds())]
+        durable = self.durable
+        now = float(self.time.seconds())
+        args = [gate_id, self.key_ttl_ms, now,
+                "1" if durable is not None else "0"]
         for player_id, session_id, epoch, seq in players:
             keys += self._keys(player_id)
             args += [session_id or "", epoch or "", min(seq, MAX_SEQ)]
-        return self._eval("refresh", keys, args).addCallback(
+        d = self._eval("refresh", keys, args).addCallback(
             lambda reply: [_REFRESH[status] for status in reply])
+        if durable is not None:
+            d.addCallback(self._restore_absent, durable, gate_id, players,
+                          now)
+        return d
+
+    def _restore_absent(self, statuses, durable, gate_id, players, now):
+        """
+        Put back the players Redis lost (C{"absent"}), from the durable
+        copy: see RESTORE. Without it (PostgreSQL away too), online players
+        are put back from what their sessions have, offline ones are left
+        to their next claim.
+        """
+        absent = [i for i, status in enumerate(statuses)
+                  if status == "absent"]
+        if not absent:
+            return statuses
+
+        def found(snapshots, copies=True):
+            restores = []
+            for i in absent:
+                player_id, session_id, epoch, seq = players[i]
+                if not copies and not session_id:
+                    restores.append(succeed(1))
+                    continue
+                restores.append(self._eval(
+                    "restore", self._keys(player_id),
+                    [gate_id, session_id or "", now, epoch or "",
+                     min(seq, MAX_SEQ), self.key_ttl_ms]
+                    + _seed_args(snapshots.get(player_id),
+                                 self.max_entries)))
+            d = gatherResults(restores, consumeErrors=True)
+            d.addErrback(_first_error)
+
+            def restored(replies):
+                for i, status in zip(absent, replies):
+                    statuses[i] = _REFRESH[status]
+                return statuses
+
+            return d.addCallback(restored)
+
+        def without(failure):
+            self.log.warn("players missing from Redis not restored from "
+                          "PostgreSQL: {error}",
+                          error=failure.getErrorMessage())
+            return found({}, copies=False)
+
+        d = durable.snapshot([players[i][0] for i in absent])
+        return d.addCallbacks(found, without)
 
     def info(self, player_id):
         d = self._eval("info", self._keys(player_id),
@@ -732,6 +873,25 @@ def _gap(last_seq, acked, assigned, entries):
     if start < first_kept and start <= assigned:
         return (start, min(first_kept - 1, assigned))
     return None
+
+
+def _seed_args(snapshot, max_entries):
+    """
+    The arguments of CLAIM's and RESTORE's durable copy: epoch (C{""} for
+    none), seq, acked, mailbox_max, then (seq, ts, head) per retained push.
+
+    @param snapshot: C{(epoch, last_seq, acked, entries)} from
+        L{mmogate_plugins.postgres.PostgresMailboxStore.snapshot}, or
+        C{None}.
+    """
+    if snapshot is None:
+        return ["", 0, 0, max_entries]
+    epoch, last_seq, acked, entries = snapshot
+    args = [epoch, min(last_seq, MAX_SEQ), min(acked, MAX_SEQ), max_entries]
+    for entry in entries[-max_entries:]:
+        args += [entry.seq, float(entry.ts),
+                 _head(entry.route, entry.data, entry.ts)]
+    return args
 
 
 def _first_error(failure):

@@ -111,10 +111,24 @@ return {1, d[4], q}
 #: Puts back a player Redis lost, unless it is there again: an online one
 #: with its epoch, numbered on from the higher seq (with the copy's
 #: pushes when it is of the same incarnation); an offline one only from a
-#: copy of its incarnation. Returns 1 (there already), 3 (online one put
-#: back), 6 (offline one put back) or 0 (no copy: gone).
+#: copy of its incarnation. An entry a push put back meanwhile (without a
+#: gate, same incarnation) is taken over. Returns 1 (there already), 3
+#: (online one put back), 5 (online one taken over), 6 (offline one put
+#: back or taken over) or 0 (no copy: gone).
 RESTORE = _CREATE + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+local d = redis.call('HMGET', KEYS[1], 'g', 's', 'e')
+if d[3] then
+  if ARGV[1] == '' or d[1] ~= '' or d[2] ~= '' or d[3] ~= ARGV[4] then
+    return 1
+  end
+  redis.call('HSET', KEYS[1], 'g', ARGV[1], 's', ARGV[2])
+  if ARGV[2] == '' then return 6 end
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  end
+  return 5
+end
 local same = ARGV[7] ~= '' and ARGV[7] == ARGV[4]
 if ARGV[2] ~= '' then
   local q, a, first = tonumber(ARGV[5]), 0, nil

@@ -246,7 +246,8 @@ class LateMailboxStore(LateAnswers):
 
 @implementer(IPlayerDirectory)
 class LateDirectory(LateAnswers):
-    def claim(self, player_id, gate_id, session_id, now, epoch=None):
+    def claim(self, player_id, gate_id, session_id, now, epoch=None,
+              issued=None):
         return self._call("claim", player_id, gate_id, session_id, now, epoch)
 
     def release(self, player_id, gate_id, session_id, now):

@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 
 from backend.reference import ReferenceBackend
 from gate import errors
-from gate.backend import BackendStatusError, HTTPBackend
+from gate.backend import BackendCallError, BackendStatusError, HTTPBackend
 from gate.balancer import (CLOSED, HALF_OPEN, OPEN, BackendSet,
                            CircuitBreaker, LeastOutstanding, Member,
                            PlayerHash, RegistrationFailed, RoundRobin,
@@ -41,50 +41,52 @@ class BreakerTests(SynchronousTestCase):
 
     def open(self):
         for _ in range(3):
-            self.assertTrue(self.breaker.acquire())
-            self.breaker.failed()
+            ticket = self.breaker.acquire()
+            self.assertIsNotNone(ticket)
+            self.breaker.failed(ticket)
         self.assertEqual(self.breaker.state, OPEN)
 
     def test_opens_after_consecutive_failures(self):
         b = self.breaker
-        b.failed()
-        b.failed()
+        b.failed(b.acquire())
+        b.failed(b.acquire())
         self.assertEqual(b.state, CLOSED)
-        b.succeeded()  # the count restarts
-        b.failed()
-        b.failed()
+        b.succeeded(b.acquire())  # the count restarts
+        b.failed(b.acquire())
+        b.failed(b.acquire())
         self.assertEqual(b.state, CLOSED)
         self.assertTrue(b.available())
-        b.failed()
+        b.failed(b.acquire())
         self.assertEqual(b.state, OPEN)
         self.assertFalse(b.available())
-        self.assertFalse(b.acquire())
+        self.assertIsNone(b.acquire())
         self.assertEqual(self.changes, [(CLOSED, OPEN)])
 
     def test_half_open_after_reset_lets_one_trial(self):
         self.open()
         self.clock.advance(9.99)
         self.assertEqual(self.breaker.state, OPEN)
-        self.assertFalse(self.breaker.acquire())
+        self.assertIsNone(self.breaker.acquire())
         self.clock.advance(0.01)
         self.assertEqual(self.breaker.state, HALF_OPEN)
         self.assertTrue(self.breaker.available())
-        self.assertTrue(self.breaker.acquire())
+        trial = self.breaker.acquire()
+        self.assertIsNotNone(trial)
         # One trial at a time.
         self.assertFalse(self.breaker.available())
-        self.assertFalse(self.breaker.acquire())
-        self.breaker.succeeded()
+        self.assertIsNone(self.breaker.acquire())
+        self.breaker.succeeded(trial)
         self.assertEqual(self.breaker.state, CLOSED)
-        self.assertTrue(self.breaker.acquire())
+        self.assertIsNotNone(self.breaker.acquire())
         self.assertEqual(self.changes, [(CLOSED, OPEN), (OPEN, HALF_OPEN),
                                         (HALF_OPEN, CLOSED)])
 
     def test_failed_trial_opens_again(self):
         self.open()
         self.clock.advance(10)
-        self.assertTrue(self.breaker.acquire())
+        trial = self.breaker.acquire()
         self.clock.advance(2)
-        self.breaker.failed()
+        self.breaker.failed(trial)
         self.assertEqual(self.breaker.state, OPEN)
         # A full reset period from the failed trial.
         self.clock.advance(9.99)
@@ -95,17 +97,67 @@ class BreakerTests(SynchronousTestCase):
     def test_released_trial_frees_the_slot(self):
         self.open()
         self.clock.advance(10)
-        self.assertTrue(self.breaker.acquire())
-        self.breaker.released()
+        self.breaker.released(self.breaker.acquire())
         self.assertEqual(self.breaker.state, HALF_OPEN)
-        self.assertTrue(self.breaker.acquire())
+        self.assertIsNotNone(self.breaker.acquire())
 
     def test_late_failure_while_open_keeps_the_period(self):
+        b = self.breaker
+        late = b.acquire()
         self.open()
         self.clock.advance(5)
-        self.breaker.failed()
+        b.failed(late)
         self.clock.advance(5)
-        self.assertEqual(self.breaker.state, HALF_OPEN)
+        self.assertEqual(b.state, HALF_OPEN)
+
+    def test_late_results_cannot_free_the_trial(self):
+        """
+        Calls A and B are sent while closed; the breaker opens, goes
+        half-open and trial C is sent. A's late failure and B's late release
+        must not free the trial slot while C is in flight: no trial D.
+        """
+        b = self.breaker
+        late_a, late_b = b.acquire(), b.acquire()
+        self.open()
+        self.clock.advance(10)
+        trial_c = b.acquire()
+        self.assertIsNotNone(trial_c)
+        b.failed(late_a)
+        self.assertEqual(b.state, HALF_OPEN)
+        self.assertIsNone(b.acquire())
+        b.released(late_b)
+        self.assertFalse(b.available())
+        self.assertIsNone(b.acquire())
+        # A late success says nothing either: C decides.
+        b.succeeded(late_b)
+        self.assertEqual(b.state, HALF_OPEN)
+        b.failed(trial_c)
+        self.assertEqual(b.state, OPEN)
+        self.clock.advance(10)
+        trial_d = b.acquire()
+        self.assertIsNotNone(trial_d)
+        b.succeeded(trial_d)
+        self.assertEqual(b.state, CLOSED)
+
+    def test_stale_tickets_ignored_after_reclosing(self):
+        """
+        A ticket from before the last opening does not count once the
+        breaker has closed again either.
+        """
+        b = self.breaker
+        stale = [b.acquire() for _ in range(3)]
+        self.open()
+        self.clock.advance(10)
+        b.succeeded(b.acquire())
+        self.assertEqual(b.state, CLOSED)
+        for ticket in stale:
+            b.failed(ticket)
+        self.assertEqual(b.state, CLOSED)
+        b.failed(b.acquire())
+        b.failed(b.acquire())
+        self.assertEqual(b.state, CLOSED)
+        b.failed(b.acquire())
+        self.assertEqual(b.state, OPEN)
 
 
 def members(clock, *weights, urls=None):
@@ -273,7 +325,15 @@ class ScriptedBackend:
 
 
 def unavailable():
-    return GateError(errors.BACKEND_UNAVAILABLE, "cannot be reached")
+    return BackendCallError(errors.BACKEND_UNAVAILABLE, "cannot be reached",
+                            transport_failure=True)
+
+
+def http_error(status, code=errors.BACKEND_ERROR):
+    """
+    What L{HTTPBackend} raises for an answer of C{status} mapped to C{code}.
+    """
+    return BackendCallError(code, f"HTTP {status}", status=status)
 
 
 class FakeResponse:
@@ -378,7 +438,8 @@ class BackendSetTests(SynchronousTestCase):
         self.assertTrue(self.set.reachable)
         self.set.members[0].healthy = False
         self.assertTrue(self.set.reachable)
-        self.set.members[1].breaker.failed()
+        breaker = self.set.members[1].breaker
+        breaker.failed(breaker.acquire())
         self.assertFalse(self.set.reachable)
         self.set.members[0].healthy = True
         self.assertTrue(self.set.reachable)
@@ -416,11 +477,87 @@ class BackendSetTests(SynchronousTestCase):
         for _ in range(5):
             self.failureResultOf(self.call())
         self.assertEqual(self.set.members[0].breaker.state, CLOSED)
-        b0.auto = lambda kind, args: fail(GateError(errors.BACKEND_ERROR,
-                                                    "HTTP 500"))
+        b0.auto = lambda kind, args: fail(http_error(500))
         for _ in range(2):
             self.failureResultOf(self.call())
         self.assertEqual(self.set.members[0].breaker.state, OPEN)
+
+    def test_4xx_answers_are_never_faults(self):
+        """
+        However a 4xx answer maps for the client (an unknown path's HTML 404
+        is backend_error; a backend may answer its own code backend_error),
+        it is the backend working: no breaker counts it, no retry follows.
+        """
+        self.make(2, breaker_failures=1, idempotent_routes=["get"])
+        answers = [(http_error(404), errors.BACKEND_ERROR),
+                   (http_error(409, "backend_error"), errors.BACKEND_ERROR),
+                   (http_error(401, errors.AUTH_FAILED), errors.AUTH_FAILED),
+                   (http_error(429, "slow_down"), "slow_down"),
+                   (BackendStatusError(404), None)]
+        for error, code in answers:
+            for b in self.backends:
+                b.auto = lambda kind, args, error=error: fail(error)
+            if code is None:
+                self.failureResultOf(self.set.event({"player_id": "p"}),
+                                     BackendStatusError)
+                continue
+            for _ in range(3):
+                d = self.call("get")
+                self.clock.advance(1)
+                self.assertEqual(
+                    self.failureResultOf(d, GateError).value.code, code)
+        self.assertEqual([m.breaker.state for m in self.set.members],
+                         [CLOSED, CLOSED])
+        self.assertEqual(sum(len(b.sent) for b in self.backends), 13)
+        self.assertEqual(self.sample("mmogate_backend_retries_total"), 0.0)
+        self.assertEqual(sum(self.sample("mmogate_backend_requests_total",
+                                         backend=f"b{i}.test",
+                                         outcome="backend_code")
+                             for i in range(2)), 13)
+        self.assertTrue(self.set.reachable)
+
+    def test_unusable_200_is_a_fault(self):
+        """
+        A 200 the gate cannot use (not JSON) is a fault: counted and retried.
+        """
+        self.make(2, breaker_failures=1, idempotent_routes=["get"],
+                  random=0.0)
+        b0, b1 = self.backends
+        b0.auto = lambda kind, args: fail(http_error(200))
+        b1.auto = lambda kind, args: succeed("fine")
+        d = self.call("get")
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d), "fine")
+        self.assertEqual(self.set.members[0].breaker.state, OPEN)
+        self.assertEqual(self.sample("mmogate_backend_requests_total",
+                                     backend="b0.test",
+                                     outcome=errors.BACKEND_ERROR), 1.0)
+
+    def test_late_result_does_not_allow_a_second_trial(self):
+        """
+        A call sent before the breaker opened ends while trial C is in
+        flight: no trial D goes to the backend meanwhile.
+        """
+        self.make(1, breaker_failures=1, breaker_reset=5.0)
+        (b0,) = self.backends
+        late = self.call()
+        opener = self.call()
+        b0.sent[1][2].errback(unavailable())
+        self.failureResultOf(opener, GateError)
+        self.assertEqual(self.set.members[0].breaker.state, OPEN)
+        self.clock.advance(5.0)
+        trial_c = self.call()
+        self.assertEqual(len(b0.sent), 3)
+        b0.sent[0][2].errback(unavailable())
+        self.failureResultOf(late, GateError)
+        trial_d = self.call()
+        self.assertEqual(
+            self.failureResultOf(trial_d, GateError).value.code,
+            errors.BACKEND_UNAVAILABLE)
+        self.assertEqual(len(b0.sent), 3)
+        b0.sent[2][2].callback("back")
+        self.assertEqual(self.successResultOf(trial_c), "back")
+        self.assertEqual(self.set.members[0].breaker.state, CLOSED)
 
     def test_refused_before_sending(self):
         """
@@ -501,8 +638,7 @@ class BackendSetTests(SynchronousTestCase):
     def test_retries_bounded(self):
         self.make(4, idempotent_routes=["get"], retries=2, random=0.0)
         for b in self.backends:
-            b.auto = lambda kind, args: fail(GateError(errors.BACKEND_ERROR,
-                                                       "HTTP 502"))
+            b.auto = lambda kind, args: fail(http_error(502))
         d = self.call("get")
         self.clock.advance(0)
         self.clock.advance(0)

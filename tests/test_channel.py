@@ -47,6 +47,7 @@ from gate.framing import FrameDecoder, frame
 from gate.interfaces import IClientConnection
 from gate.keys import KeyFileError, load_or_create, public_key_b64
 from gate.secure_tcp import GateSecureTCPFactory
+from gate.session import CHEAP_COST
 from tests.fakes import Stack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -316,6 +317,20 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(gate.open(client.seal(data)), data)
         self.assertEqual(gate.rotations, (0, 1))
 
+    def test_rekey_spelt_with_escapes(self):
+        """
+        A C{t} of C{rekey} written with JSON escapes is a rekey too; an
+        escape elsewhere does not make an envelope one.
+        """
+        client, gate = pair()
+        for spelt in (b'{"t":"\\u0072ekey"}', b'{"t":"rek\\u0065y"}',
+                      b'{"\\u0074":"rekey"}'):
+            self.assertIsNone(gate.open(client.seal(spelt)), spelt)
+            client._send.rotate()
+        data = b'{"t":"ping","ts":"\\u0041"}'
+        self.assertEqual(gate.open(client.seal(data)), data)
+        self.assertEqual(gate.rotations, (0, 3))
+
     def test_rekey_due(self):
         client, _ = pair()
         for _ in range(3):
@@ -528,6 +543,49 @@ class GateListenerTests(SynchronousTestCase):
         self.stack.clock.advance(10)  # the closing timer aborts it
         self.assertTrue(peer.transport.disconnected)
 
+    def test_login_timeout_counts_from_accept(self):
+        """
+        One session.login_timeout from the accept in all: a hello at 4.5 s
+        of 5 leaves the session half a second to log in, not 5 more.
+        """
+        peer = Peer(self.factory(session__login_timeout=5))
+        self.stack.clock.advance(4.5)
+        peer.hello()
+        self.stack.clock.advance(0.4)
+        self.assertFalse(peer.closed)
+        self.stack.clock.advance(0.1)
+        self.assertTrue(peer.closed)
+        (err,) = peer.received()
+        self.assertEqual(err["code"], errors.NOT_AUTHENTICATED)
+        self.assertIn("within 5 seconds", err["msg"])
+
+    def test_signing_key_read_once(self):
+        """
+        The gate's public key is derived once per listener, not once per
+        handshake.
+        """
+        class CountingSigner:
+            publics = 0
+
+            def __init__(self, key):
+                self.key = key
+
+            def public_key(self):
+                self.publics += 1
+                return self.key.public_key()
+
+            def sign(self, data):
+                return self.key.sign(data)
+
+        signer = CountingSigner(self.signer)
+        self.stack = Stack()
+        factory = GateSecureTCPFactory(self.stack.sessions, 1000,
+                                       self.stack.clock, signer)
+        for _ in range(3):
+            Peer(factory, raw_public(self.signer)).hello()
+        self.assertEqual(len(self.stack.sessions.sessions), 3)
+        self.assertEqual(signer.publics, 1)
+
     def own_timers(self, peer):
         protocol = peer.protocol
         return [c for c in self.stack.clock.getDelayedCalls()
@@ -702,6 +760,50 @@ class GateListenerTests(SynchronousTestCase):
                          [{"t": "pong", "ts": n} for n in range(20)])
         self.assertEqual(peer.protocol.channel.rotations[1], 1 + 19)
         self.assertFalse(peer.closed)
+
+    def test_client_rekeys_rate_limited(self):
+        """
+        A client's rekeys never reach the session but cost what a ping
+        does of session.rate / session.burst: a flood of them gets strikes
+        and is closed (a sealed err rate_limited).
+        """
+        peer = self.connected(session__rate=2.0, session__burst=3,
+                              session__rate_strikes=4)
+        self.login(peer)
+        self.stack.clock.advance(10)
+        for _ in range(int(3 / CHEAP_COST) + 3):
+            peer.protocol.dataReceived(peer.channel.rekey_framed())
+        self.assertFalse(peer.closed)
+        self.assertEqual(peer.received(), [])
+        peer.protocol.dataReceived(peer.channel.rekey_framed())
+        self.assertTrue(peer.closed)
+        (err,) = peer.received()
+        self.assertEqual((err["t"], err["code"]),
+                         ("err", errors.RATE_LIMITED))
+
+    def test_slow_consumer_kick_is_last_after_a_rotation(self):
+        """
+        When the write of the gate's own rekey is the one that overflows
+        session.max_outbuf, the sealed kick slow_consumer it causes is the
+        last frame: the push that was to follow the rekey is not written.
+        """
+        peer = self.connected(rekey_frames=1)
+        self.login(peer)
+        flow = peer.protocol._flow
+        flow.pauseProducing()  # the client stopped reading
+        flow.limit = 40  # a sealed rekey frame is 41 bytes
+        self.stack.push(["alice"], data="after")
+        order = []
+        for sealed in peer.raw():
+            plain = peer.channel.open(sealed)
+            if plain is None:
+                order.append("rekey")
+            else:
+                message = json.loads(plain)
+                order.append((message["t"], message.get("reason")))
+        self.assertEqual(order, ["rekey", ("kick", "slow_consumer")])
+        self.assertTrue(peer.closed)
+        self.assertEqual(self.own_timers(peer), [])
 
     def test_gate_rekeys_after_frames(self):
         """

@@ -17,8 +17,8 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from gate.cluster import RemotePush
-from tests.e2e import (HTTP, connect_tcp, connect_ws, events_of, start_gate,
-                       until)
+from tests.e2e import (HTTP, auth_token, connect_tcp, connect_ws, events_of,
+                       start_gate, until)
 from tests.services import (REDIS_URL, redis_command, redis_prefix,
                             require_redis)
 
@@ -294,3 +294,76 @@ class ExpiryTests(ClusterCase):
             "delivered"], 1)
         push = await fresh.expect(lambda m: m["t"] == "push")
         self.assertEqual(push["seq"], 1)
+
+
+class BanTests(ClusterCase):
+    """
+    A kick with C{ban_seconds} on one gate holds on every gate: bans live
+    in Redis and every claim checks them (C{docs/cluster.md}).
+    """
+
+    async def bind(self, gate, envelope):
+        client = await connect_tcp(self, gate)
+        answer = await client.request(envelope)
+        await client.close()
+        return answer["t"], answer.get("code")
+
+    async def test_ban_on_every_gate(self):
+        a, b = await self.two_gates()
+        alice = await connect_tcp(self, b)
+        login = await alice.login("alice")
+        old = {"t": "resume", "player_id": "alice", "last_seq": 0,
+               "resume_token": login["resume_token"]}
+        code, answer, raw = await HTTP(self, a).post(
+            "/v1/kick", {"player_id": "alice", "reason": "cheating",
+                         "ban_seconds": 1.5})
+        self.assertEqual((code, answer), (200, {"kicked": True}), raw)
+        kick = await alice.expect(lambda m: m["t"] == "kick")
+        self.assertEqual((kick["reason"], kick["msg"]), ("admin", "cheating"))
+        await alice.wait_lost()
+        for gate in (a, b):
+            for envelope in ({"t": "login", "data": {"name": "alice"}},
+                             {"t": "auth", "token": auth_token("alice")},
+                             old):
+                self.assertEqual(await self.bind(gate, envelope),
+                                 ("err", "auth_failed"), envelope["t"])
+
+        async def over():
+            return (await self.bind(a, {"t": "login",
+                                        "data": {"name": "alice"}}))[0] \
+                == "resp"
+
+        # A real clock: the ban ends 1.5 s after the kick.
+        await until(over, "the ban to end", timeout=10.0, interval=0.1)
+        for gate in (a, b):
+            self.assertEqual(await self.bind(gate, old),
+                             ("err", "resume_rejected"))
+        again = await connect_tcp(self, b)
+        login = await again.login("alice")
+        await again.close()
+        await HTTP(self, b).wait_offline("alice")
+        self.assertEqual(await self.bind(a, {
+            "t": "resume", "player_id": "alice", "last_seq": 0,
+            "resume_token": login["resume_token"]}), ("resp", None))
+
+    async def test_ban_of_player_elsewhere_or_unknown(self):
+        """
+        A ban holds for players no gate has, and a later kick on another
+        gate replaces its end (0 lifts it).
+        """
+        a, b = await self.two_gates()
+        code, answer, _ = await HTTP(self, a).post(
+            "/v1/kick", {"player_id": "ghost", "ban_seconds": 3600})
+        self.assertEqual((code, answer), (200, {"kicked": False}))
+        self.assertEqual(await self.bind(b, {"t": "login",
+                                             "data": {"name": "ghost"}}),
+                         ("err", "auth_failed"))
+        ttl = int(await redis_command("PTTL", self.prefix + "b:ghost"))
+        # The ban's end or the resume token lifetime (7 days), the longer.
+        self.assertGreater(ttl, 6 * 86400 * 1000)
+        code, answer, _ = await HTTP(self, b).post(
+            "/v1/kick", {"player_id": "ghost", "ban_seconds": 0})
+        self.assertEqual(code, 200)
+        self.assertEqual(await self.bind(a, {"t": "login",
+                                             "data": {"name": "ghost"}}),
+                         ("resp", None))

@@ -3,21 +3,37 @@ End-to-end tests of the encrypted channel (PROTOCOL.md section 8) on a
 real gate's C{listen.tcp_secure} over 127.0.0.1: the Python client logs
 in, echoes and receives persistent pushes across many key rotations both
 ways and a resume; a wrong pinned key, a garbage first frame, a silent
-connection and a replayed frame each end the connection without a word.
+connection and a replayed frame each end the connection without a word;
+a client that stops reading is kicked slow_consumer, sealed, last.
 """
 
 import json
 import os
+import socket
 
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import TestCase
 
 from gate.channel import ClientHandshake
 from gate.client import GateClient, GateError
 from gate.framing import FrameDecoder, frame
 from gate.keys import public_key_b64
-from tests.e2e import (HTTP, LOOPBACK, TIMEOUT, connect_raw, start_gate,
-                       until, within)
+from tests.e2e import (HTTP, LOOPBACK, TIMEOUT, RawClient, connect_raw,
+                       start_gate, until, within)
+
+
+class ReasonClient(RawClient):
+    """
+    A L{RawClient} that keeps why its connection ended.
+    """
+
+    reason = None
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        RawClient.connectionLost(self, reason)
 
 
 class EncryptedChannelTests(TestCase):
@@ -26,8 +42,9 @@ class EncryptedChannelTests(TestCase):
         os.makedirs(os.path.dirname(self.key_file))
         encrypt["key_file"] = self.key_file
         session = encrypt.pop("session", {})
+        player = encrypt.pop("player", {})
         return start_gate(self, listen={"tcp_secure": LOOPBACK},
-                          encrypt=encrypt, session=session)
+                          encrypt=encrypt, session=session, player=player)
 
     def addr(self, gate):
         host, port = gate.address("tcp_secure")
@@ -179,3 +196,71 @@ class EncryptedChannelTests(TestCase):
         await raw.wait_lost()
         (kick,) = [json.loads(channel.open(p)) for p in decoder.feed(raw.data)]
         self.assertEqual((kick["t"], kick["reason"]), ("kick", "shutdown"))
+
+    async def test_slow_consumer_kicked_sealed_then_closed(self):
+        """
+        A client over the channel that stops reading while persistent
+        pushes flow (the gate rotating before every frame) is kicked
+        C{slow_consumer}: once it reads again, every frame opens in order,
+        the sealed kick is the last of them, and the gate closes cleanly
+        (FIN, not reset).
+        """
+        gate = self.gate(rekey_frames=1, session={"max_outbuf": 16384},
+                         player={"mailbox_max": 100000})
+        host, port = gate.address("tcp_secure")
+        raw = await within(connectProtocol(
+            TCP4ClientEndpoint(reactor, host, port, timeout=TIMEOUT),
+            ReasonClient()), TIMEOUT, "a connection to tcp_secure")
+        self.addCleanup(raw.close)
+        hs = ClientHandshake(gate.channel_key.public_key().public_bytes_raw())
+        raw.transport.write(frame(hs.hello()))
+        decoder = FrameDecoder(1 << 20)
+        await until(lambda: len(raw.data) >= 4 and len(raw.data) >= 4 +
+                    int.from_bytes(raw.data[:4], "big"), "the gate's hello")
+        (reply,) = decoder.feed(raw.data)
+        raw.data = b""
+        channel = hs.receive(reply)
+        raw.transport.write(channel.seal_framed(
+            b'{"t":"login","id":1,"data":{"name":"alice"}}'))
+        await until(lambda: gate.players.get("alice") is not None
+                    and gate.players.get("alice").session is not None,
+                    "alice to log in")
+        session = gate.players.get("alice").session
+        session.connection.transport.getHandle().setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        raw.transport.getHandle().setsockopt(socket.SOL_SOCKET,
+                                             socket.SO_RCVBUF, 4096)
+        raw.transport.pauseProducing()
+        api = HTTP(self, gate)
+        body = {"players": ["alice"], "route": "blob", "data": "x" * 1024}
+        accepted = 0
+        while not session.closing:
+            self.assertLess(accepted, 100000, "never kicked")
+            code, answer, text = await api.post("/v1/batch",
+                                                {"ops": [body] * 50})
+            self.assertEqual(code, 200, text)
+            accepted += sum(r["delivered"] + r["queued"]
+                            for r in answer["results"])
+        raw.transport.resumeProducing()
+        await raw.wait_lost()
+        self.assertIsInstance(raw.reason.value, ConnectionDone)
+        envelopes, rekeys = [], 0
+        frames = decoder.feed(raw.data)
+        # Nothing but whole frames: no partial one after the kick.
+        self.assertEqual(sum(4 + len(f) for f in frames), len(raw.data))
+        for sealed in frames:
+            plain = channel.open(sealed)
+            if plain is None:
+                rekeys += 1
+            else:
+                envelopes.append(json.loads(plain))
+        self.assertEqual(envelopes[0]["t"], "resp")
+        pushes = envelopes[1:-1]
+        self.assertEqual([p["seq"] for p in pushes],
+                         list(range(1, len(pushes) + 1)))
+        self.assertEqual((envelopes[-1]["t"], envelopes[-1]["reason"]),
+                         ("kick", "slow_consumer"))
+        self.assertGreaterEqual(rekeys, len(pushes))
+        self.assertEqual(gate.metrics.registry.get_sample_value(
+            "mmogate_kicks_total", {"reason": "slow_consumer"}), 1)
+        self.assertIsNone(self.bad_input(gate, "channel_frame"))

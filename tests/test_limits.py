@@ -21,9 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gate import errors
 from gate.framing import frame
-from gate.limits import (MAX_CONNECTIONS, MAX_PER_IP, MAX_REFUSING,
-                         REFUSE_TIMEOUT, ConnectionLimits, TokenBucket,
-                         address_key)
+from gate.limits import (MAX_CONNECTIONS, MAX_PER_IP, MAX_REFUSING, RATE,
+                         REFUSE_TIMEOUT, ConnectionLimits, ConnectRate,
+                         TokenBucket, address_key)
 from gate.metrics import Metrics
 from gate.session import CHEAP_COST
 from gate.tcp import GateTCPFactory
@@ -142,6 +142,102 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertFalse(bucket.take(now=1.0))
 
 
+class ConnectRateTests(SynchronousTestCase):
+    """
+    New connections per address: C{limits.connect_rate} a second,
+    C{limits.connect_burst} at once, in a table of bounded size.
+    """
+
+    def limits(self, rate=2.0, burst=3, **kw):
+        self.clock = Clock()
+        return ConnectionLimits(max_connections=10000, max_per_ip=1000,
+                                connect_rate=rate, connect_burst=burst,
+                                clock=self.clock, **kw)
+
+    def test_burst_then_rate(self):
+        limits = self.limits()
+        self.assertEqual([limits.admit("10.0.0.1") for _ in range(4)],
+                         [None] * 3 + [RATE])
+        self.assertEqual(limits.open, 3)
+        self.clock.advance(0.4)
+        self.assertEqual(limits.admit("10.0.0.1"), RATE)
+        self.clock.advance(0.1)
+        self.assertEqual([limits.admit("10.0.0.1") for _ in range(2)],
+                         [None, RATE])
+        # Closing connections gives no tokens back.
+        for _ in range(4):
+            limits.release("10.0.0.1")
+        self.assertEqual(limits.admit("10.0.0.1"), RATE)
+
+    def test_per_address(self):
+        """
+        Each address (an IPv6 /64 as one) has its own bucket; connections
+        without an address are not rate limited.
+        """
+        limits = self.limits(burst=1)
+        self.assertIsNone(limits.admit("10.0.0.1"))
+        self.assertEqual(limits.admit("10.0.0.1"), RATE)
+        self.assertIsNone(limits.admit("10.0.0.2"))
+        self.assertIsNone(limits.admit("2001:db8:1:2::1"))
+        self.assertEqual(limits.admit("2001:db8:1:2::ffff"), RATE)
+        self.assertEqual(limits.admit("::ffff:10.0.0.2"), RATE)
+        for _ in range(5):
+            self.assertIsNone(limits.admit(None))
+
+    def test_other_limits_first(self):
+        """
+        A connection refused by max_per_ip or max_connections spends no
+        token: a client waiting for a free slot is let in when one frees.
+        """
+        self.clock = Clock()
+        limits = ConnectionLimits(max_connections=100, max_per_ip=1,
+                                  connect_rate=1.0, connect_burst=2,
+                                  clock=self.clock)
+        self.assertIsNone(limits.admit("10.0.0.1"))
+        for _ in range(10):
+            self.assertEqual(limits.admit("10.0.0.1"), MAX_PER_IP)
+        limits.release("10.0.0.1")
+        self.assertIsNone(limits.admit("10.0.0.1"))
+
+    def test_off_without_rate(self):
+        limits = ConnectionLimits(max_connections=1000, max_per_ip=1000)
+        self.assertEqual([limits.admit("10.0.0.1") for _ in range(500)],
+                         [None] * 500)
+
+    def test_full_buckets_forgotten(self):
+        """
+        An address whose bucket has refilled is dropped from the table as
+        new connections come: a steady trickle from ever new addresses
+        keeps it at about what refills in burst / rate seconds.
+        """
+        limits = self.limits(rate=2.0, burst=3)
+        table = limits.connect_rate
+        for i in range(10000):
+            limits.admit(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+            self.clock.advance(0.01)
+        # A bucket with one token spent is full 0.5 s later: 50 addresses.
+        self.assertLessEqual(len(table), 52)
+        self.clock.advance(10)
+        limits.admit("10.200.0.1")
+        limits.admit("10.200.0.2")
+        self.assertLessEqual(len(table), 50)
+
+    def test_table_capped(self):
+        """
+        At C{max_entries} addresses the one seen least recently is
+        forgotten (it may start again with a full burst): memory stays
+        bounded whatever the flood.
+        """
+        clock = Clock()
+        rate = ConnectRate(rate=0.001, burst=1, clock=clock, max_entries=100)
+        for i in range(1000):
+            self.assertTrue(rate.take(f"10.0.{i // 256}.{i % 256}"))
+        self.assertEqual(len(rate), 100)
+        self.assertFalse(rate.take("10.0.3.231"))  # the last one seen
+        self.assertTrue(rate.take("10.0.0.0"))  # forgotten long ago
+        self.assertEqual(len(rate), 100)
+
+
 def read_frames(data):
     out = []
     while data:
@@ -192,6 +288,35 @@ class TCPListenerLimitTests(SynchronousTestCase):
         self.assertEqual(sample(self.metrics,
                                 "mmogate_connections_refused_total",
                                 reason=MAX_PER_IP), 1)
+
+    def test_connect_rate_refused_with_busy(self):
+        """
+        Past limits.connect_burst new connections from one address (over
+        every client listener) the next is refused C{busy}, reason
+        C{rate}, and gets no session; limits.connect_rate later one more
+        is let in.
+        """
+        stack = Stack(limits__connect_rate=2.0, limits__connect_burst=2)
+        metrics = with_metrics(stack)
+        tcp = GateTCPFactory(stack.sessions, 1000, stack.clock)
+        ws = GateWebSocketFactory(stack.sessions, 1000, stack.clock)
+        self.assertIsNotNone(tcp.buildProtocol(
+            IPv4Address("TCP", "10.0.0.1", 1)).limited_host)
+        self.assertIsNotNone(ws.buildProtocol(
+            IPv4Address("TCP", "10.0.0.1", 2)).limited_host)
+        protocol, transport = self.connect(factory=tcp)
+        (message,) = read_frames(transport.value())
+        self.assertEqual((message["t"], message["code"]), ("err", errors.BUSY))
+        self.assertIn("new connections", message["msg"])
+        self.assertIsNone(getattr(protocol, "session", None))
+        self.assertEqual(stack.sessions.limits.open, 2)
+        self.assertEqual(sample(metrics, "mmogate_connections_refused_total",
+                                reason=RATE), 1)
+        refused = ws.buildProtocol(IPv4Address("TCP", "10.0.0.1", 3))
+        self.assertEqual(refused.reason, RATE)
+        stack.clock.advance(0.5)
+        protocol, transport = self.connect(factory=tcp)
+        self.assertIsNotNone(protocol.session)
 
     def test_total_refused(self):
         self.connect("10.0.0.1")

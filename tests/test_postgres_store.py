@@ -389,6 +389,97 @@ class DurabilityTests(TestCase):
         self.assertEqual(await store.mailboxes.last_seq("a"), 2)
 
 
+class DurableCopyTests(TestCase):
+    """
+    The durable copy of mailboxes Redis numbers (store.kind = redis):
+    entries written with their seqs, acks mirrored, snapshots to restore
+    Redis from, a copy of another incarnation starting over.
+    """
+
+    async def store(self, **changes):
+        dsn, _ = postgres_schema(self)
+        self.dsn = dsn
+        self.clock = Clock()
+        self.clock.advance(1000)
+        store = await start_store(self, dsn, self.clock, **changes)
+        return store.mailboxes
+
+    async def test_written_with_given_seqs(self):
+        mailboxes = await self.store(player__mailbox_max=3)
+        # Two gates' writes may commit out of seq order.
+        await mailboxes.store_numbered([("a", 2, "E"), ("b", 7, "F")], 990.0,
+                                       "r", {"n": 2})
+        await mailboxes.store_numbered([("a", 1, "E")], 989.0, "r", {"n": 1})
+        found = await mailboxes.snapshot(["a", "b", "ghost"])
+        self.assertEqual(found, {
+            "a": ("E", 2, 0, [Entry(1, 989.0, "r", {"n": 1}),
+                              Entry(2, 990.0, "r", {"n": 2})]),
+            "b": ("F", 7, 0, [Entry(7, 990.0, "r", {"n": 2})])})
+        # mailbox_max counts back from the highest seq.
+        for seq in (3, 4, 5):
+            await mailboxes.store_numbered([("a", seq, "E")], 991.0, "r",
+                                           seq)
+        self.assertEqual([e.seq for e in
+                          (await mailboxes.snapshot(["a"]))["a"][3]],
+                         [3, 4, 5])
+        self.assertEqual(await mailboxes.last_seq("a"), 5)
+        # Rows beyond it are deleted every TRIM_EVERY seqs.
+        for seq in range(6, postgres.TRIM_EVERY + 1):
+            await mailboxes.store_numbered([("a", seq, "E")], 991.0, "r",
+                                           seq)
+        self.assertEqual(await sql(self.dsn, "SELECT count(*) FROM"
+                                             " mmogate_mailbox WHERE"
+                                             " player_id = 'a'"), [(3,)])
+
+    async def test_acks_mirrored(self):
+        mailboxes = await self.store()
+        await mailboxes.store_numbered([("a", 1, "E"), ("b", 1, "F")], 990.0,
+                                       "r", 1)
+        await mailboxes.store_numbered([("a", 2, "E")], 990.0, "r", 2)
+        mailboxes.mirror_ack("a", 1, "E")
+        mailboxes.mirror_ack("a", 2, "E")
+        mailboxes.mirror_ack("b", 1, "F")
+        await within(mailboxes.acks_written(), OP_TIMEOUT, "acks")
+        found = await mailboxes.snapshot(["a", "b"])
+        self.assertEqual(found, {"a": ("E", 2, 2, []), "b": ("F", 1, 1, [])})
+        self.assertEqual(await sql(self.dsn, "SELECT count(*) FROM"
+                                             " mmogate_mailbox"), [(0,)])
+        # An ack that overtook its push's write: the push stays acked.
+        mailboxes.mirror_ack("a", 3, "E")
+        await within(mailboxes.acks_written(), OP_TIMEOUT, "acks")
+        await mailboxes.store_numbered([("a", 3, "E")], 990.0, "r", 3)
+        self.assertEqual(await mailboxes.snapshot(["a"]),
+                         {"a": ("E", 3, 3, [])})
+
+    async def test_new_incarnation_starts_over(self):
+        mailboxes = await self.store()
+        await mailboxes.store_numbered([("a", 5, "OLD")], 990.0, "r", "old")
+        await mailboxes.store_numbered([("a", 1, "NEW")], 991.0, "r", "new")
+        self.assertEqual(await mailboxes.snapshot(["a"]), {
+            "a": ("NEW", 1, 0, [Entry(1, 991.0, "r", "new")])})
+
+    async def test_expired_copies(self):
+        """
+        A copy not written for player.idle_timeout is no copy: snapshots
+        skip it and the sweep deletes it with its pushes.
+        """
+        mailboxes = await self.store(player__idle_timeout=100.0)
+        await mailboxes.store_numbered([("a", 1, "E")], 1000.0, "r", 1)
+        self.clock.advance(50)
+        await mailboxes.store_numbered([("b", 1, "F")], 1050.0, "r", 1)
+        self.clock.advance(60)
+        self.assertEqual(list(await mailboxes.snapshot(["a", "b"])), ["b"])
+        await mailboxes._db.sweep()
+        self.assertEqual(await sql(self.dsn, "SELECT player_id FROM"
+                                             " mmogate_mailbox_state"),
+                         [("b",)])
+        # Mailboxes numbered by PostgreSQL itself have no such lifetime.
+        await mailboxes.append(["c"], "r", 1, 1110.0)
+        self.clock.advance(1000)
+        await mailboxes._db.sweep()
+        self.assertEqual(await mailboxes.last_seq("c"), 1)
+
+
 class OutageTests(TestCase):
     """
     PostgreSQL going away and coming back, played by a proxy the test cuts.

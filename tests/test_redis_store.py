@@ -12,7 +12,7 @@ import json
 import random
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import fail, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 from gate.cluster import StoreUnavailable
 from gate.envelope import encode
 from gate.interfaces import IClusterBus, IMailboxStore, IPlayerDirectory
+from gate.mailbox import Entry
 from gate.player import Location
 from mmogate_plugins.memory import (MemoryClusterBus, MemoryMailboxStore,
                                     MemoryPlayerDirectory)
@@ -468,6 +469,224 @@ class BusTests(RedisCase):
         self.assertEqual(await a.last_seq("back"), 7)
         self.assertEqual(await place(a, "A", ["back"], 1, True),
                          [("delivered", 8)])
+
+
+class FakeDurable:
+    """
+    Stands in for the PostgreSQL copy (L{mmogate_plugins.postgres.
+    PostgresMailboxStore}): snapshots from C{copies}, writes recorded.
+    """
+
+    reachable = True
+    problem = None
+
+    def __init__(self, copies=None):
+        self.copies = dict(copies or {})
+        self.written = []
+        self.acks = []
+        self.dropped = []
+        self.asked = []
+
+    def snapshot(self, player_ids):
+        self.asked.append(list(player_ids))
+        return succeed({p: self.copies[p] for p in player_ids
+                        if p in self.copies})
+
+    def store_numbered(self, entries, ts, route, data):
+        self.written.append((entries, route, data))
+        return succeed(None)
+
+    def mirror_ack(self, player_id, seq, epoch):
+        self.acks.append((player_id, seq, epoch))
+
+    def drop(self, player_id):
+        self.dropped.append(player_id)
+        return succeed(None)
+
+
+def copy(epoch, last_seq, acked, seqs):
+    return (epoch, last_seq, acked,
+            [Entry(seq, 1.0 * seq, "r", {"n": seq}) for seq in seqs])
+
+
+class DurableCopyTests(RedisCase):
+    """
+    With a durable copy (C{store.postgres_dsn}): pushes written through,
+    acks and drops mirrored, and players Redis lost put back from it by a
+    claim, a push or a refresh.
+    """
+
+    async def store(self, copies=None):
+        store = await start_store(self, self.prefix, gate="A",
+                                  time=Clock())
+        await store.heartbeat("A", 1)
+        store.durable = FakeDurable(copies)
+        return store
+
+    async def test_claim_seeds_from_copy(self):
+        store = await self.store({"alice": copy("E1", 5, 2, [3, 4, 5])})
+        claim = await store.claim("alice", "A", "s1", 1.0)
+        self.assertEqual((claim.epoch, claim.last_seq), ("E1", 5))
+        self.assertEqual(await store.read_after("alice", 0),
+                         (None, [Entry(seq, 1.0 * seq, "r", {"n": seq})
+                                 for seq in (3, 4, 5)]))
+        self.assertEqual(await store.last_seq("alice"), 5)
+        # Known to Redis now: the copy is not asked again.
+        await store.claim("alice", "A", "s2", 2.0)
+        self.assertEqual(store.durable.asked, [["alice"]])
+        # Without a copy a login starts anew; a resume is refused.
+        fresh = await store.claim("bob", "A", "s3", 1.0)
+        self.assertEqual(fresh.last_seq, 0)
+        self.assertNotEqual(fresh.epoch, "E1")
+        self.assertIsNone(await store.claim("carol", "A", "s4", 1.0, "E9"))
+        self.assertIsNone(await store.lookup("carol"))
+
+    async def test_resume_seeds_same_incarnation_only(self):
+        store = await self.store({"alice": copy("E1", 2, 0, [1, 2])})
+        self.assertIsNone(await store.claim("alice", "A", "s1", 1.0, "E0"))
+        self.assertIsNone(await store.lookup("alice"))
+        claim = await store.claim("alice", "A", "s1", 1.0, "E1")
+        self.assertEqual((claim.epoch, claim.last_seq), ("E1", 2))
+
+    async def test_place_writes_through(self):
+        store = await self.store({"erin": copy("E5", 3, 1, [2, 3])})
+        epoch = (await store.claim("alice", "A", "s1", 1.0)).epoch
+        result = await place(store, "A", ["alice", "erin", "ghost"], {"x": 1})
+        self.assertEqual(result, [("delivered", 1), ("offline", 4),
+                                  ("unknown", 0)])
+        self.assertEqual(store.durable.written, [
+            ([("alice", 1, epoch), ("erin", 4, "E5")], "r", {"x": 1})])
+        # erin was put back without a gate, with her copy.
+        erin = await store.lookup("erin")
+        self.assertEqual((erin.gate_id, erin.session_id, erin.epoch),
+                         ("", None, "E5"))
+        self.assertEqual([e.seq for e in
+                          (await store.read_after("erin", 0))[1]], [2, 3, 4])
+        # A transient push counts a player known only to the copy offline.
+        store.durable.copies["frank"] = copy("E6", 1, 0, [1])
+        self.assertEqual(await place(store, "A", ["frank"], 2, False),
+                         [("offline", 0)])
+        self.assertIsNone(await store.lookup("frank"))
+
+    async def test_failed_write_through(self):
+        """
+        A push Redis took whose durable write fails fails (the push API
+        answers 503) though it was placed: at least once. Known to be
+        away, the copy refuses a push before Redis takes it.
+        """
+        store = await self.store()
+        await store.claim("alice", "A", "s1", 1.0)
+        store.durable.store_numbered = lambda *a: fail(RuntimeError("down"))
+        failure = await within(place(store, "A", ["alice"], 1).addErrback(
+            lambda f: f.value), TIMEOUT, "a push")
+        self.assertIsInstance(failure, RuntimeError)
+        self.assertEqual(await store.last_seq("alice"), 1)
+        store.durable.reachable = False
+        store.durable.problem = "gone"
+        failure = await within(place(store, "A", ["alice"], 2).addErrback(
+            lambda f: f.value), TIMEOUT, "a push")
+        self.assertIn("PostgreSQL unavailable: gone", str(failure))
+        self.assertEqual(await store.last_seq("alice"), 1)
+        # Transient pushes need no copy.
+        self.assertEqual(await place(store, "A", ["alice"], 3, False),
+                         [("delivered", 0)])
+
+    async def test_acks_and_drops_mirrored(self):
+        store = await self.store()
+        epoch = (await store.claim("alice", "A", "s1", 1.0)).epoch
+        await place(store, "A", ["alice"], 1)
+        await place(store, "A", ["alice"], 2)
+        await store.ack("alice", 9)
+        await store.ack("ghost", 3)
+        self.assertEqual(store.durable.acks, [("alice", 2, epoch)])
+        await store.release("alice", "A", "s1", 2.0)
+        self.assertTrue(await store.expire("alice", "A", epoch))
+        await store.drop("alice")
+        self.assertEqual(store.durable.dropped, ["alice"])
+
+    async def test_refresh_restores(self):
+        store = await self.store({"on": copy("E1", 6, 4, [5, 6]),
+                                  "off": copy("E2", 3, 0, [1, 2, 3]),
+                                  "stale": copy("E0", 3, 0, [])})
+        statuses = await store.refresh("A", [("on", "s1", "E1", 4),
+                                             ("off", "", "E2", 0),
+                                             ("gone", "", "E3", 0),
+                                             ("stale", "", "E9", 0),
+                                             ("new", "s2", "E4", 7)])
+        self.assertEqual(statuses, ["recreated", "restored", "missing",
+                                    "missing", "recreated"])
+        self.assertEqual(await store.last_seq("on"), 6)
+        self.assertEqual([e.seq for e in
+                          (await store.read_after("on", 0))[1]], [5, 6])
+        off = await store.lookup("off")
+        self.assertEqual((off.gate_id, off.session_id, off.epoch),
+                         ("A", None, "E2"))
+        self.assertEqual(await store.last_seq("new"), 7)
+        # An entry a push put back without a gate is taken over by the
+        # gate of the player's session.
+        store.durable.copies["p"] = copy("E7", 1, 0, [1])
+        await place(store, "A", ["p"], 1)
+        self.assertEqual(await store.refresh("A", [("p", "s3", "E7", 1)]),
+                         ["adopted"])
+        self.assertEqual((await store.lookup("p"))[1:3], ("A", "s3"))
+        self.assertEqual(await store.refresh("A", [("p", "s3", "E7", 1)]),
+                         ["ok"])
+        # Also when the push put it back between the refresh's look and
+        # its restore.
+        store.durable.copies["q"] = copy("E8", 1, 0, [1])
+        await place(store, "A", ["q"], 1)
+        statuses = ["absent", "absent"]
+        await store._restore_absent(statuses, store.durable, "A",
+                                    [("q", "s4", "E8", 0),
+                                     ("off", "", "E2", 0)], 1.0)
+        self.assertEqual(statuses, ["adopted", "ok"])
+        self.assertEqual((await store.lookup("q"))[1:3], ("A", "s4"))
+
+
+class BanTests(RedisCase):
+    """
+    Bans recorded in Redis, checked by every claim.
+    """
+
+    async def test_banned_and_revoked(self):
+        store = await start_store(self, self.prefix)
+        epoch = (await store.claim("alice", "A", "s1", 100.0)).epoch
+        await store.ban("alice", 160.0, 100.0, 86400.0)
+        for args in ((), (epoch, 99.0), (epoch, 101.0)):
+            failure = await within(
+                store.claim("alice", "B", "s2", 120.0, *args).addErrback(
+                    lambda f: f.value), TIMEOUT, "a claim")
+            self.assertEqual(failure.code, "auth_failed")
+            self.assertIn("banned", failure.msg)
+        # After the ban: tokens issued up to it stay revoked.
+        self.assertEqual((await store.claim("alice", "B", "s2", 160.0)).epoch,
+                         epoch)
+        for issued in (100.0, 50.0, None):
+            failure = await within(
+                store.claim("alice", "B", "s3", 161.0, epoch,
+                            issued).addErrback(lambda f: f.value), TIMEOUT,
+                "a claim")
+            self.assertEqual(failure.code, "resume_rejected")
+        claim = await store.claim("alice", "B", "s3", 161.0, epoch, 100.001)
+        self.assertEqual(claim.previous.session_id, "s2")
+        self.assertEqual((await store.lookup("alice")).session_id, "s3")
+
+    async def test_ban_record(self):
+        store = await start_store(self, self.prefix)
+        await store.ban("alice", 1100.0, 1000.0, 10.0)
+        key = self.prefix + "b:alice"
+        self.assertEqual(await redis_command("HMGET", key, "u", "r"),
+                         [b"1100.0", b"1000.0"])
+        ttl = int(await redis_command("PTTL", key))
+        self.assertTrue(99000 < ttl <= 100000, ttl)
+        # A later, shorter ban replaces the end, never the revocation or
+        # the key's lifetime; a revocation moves only forward.
+        await store.ban("alice", 1000.0, 1050.0, 10.0)
+        self.assertEqual(await redis_command("HMGET", key, "u", "r"),
+                         [b"1000.0", b"1050.0"])
+        self.assertGreater(int(await redis_command("PTTL", key)), 90000)
+        await store.ban("alice", 1000.0, 900.0, 10.0)
+        self.assertEqual(await redis_command("HMGET", key, "r"), [b"1050.0"])
 
 
 class OutageTests(RedisCase):
