@@ -338,6 +338,10 @@ class Run:
             f'secret = "{secrets.token_hex(32)}"',
             "[shutdown]",
             "grace = 3.0",
+            # Every simulated client connects from 127.0.0.1 at once.
+            "[limits]",
+            "connect_rate = 1000000.0",
+            "connect_burst = 1000000",
             "",
         ])
 

@@ -22,8 +22,11 @@ its players' entries alive, and resynchronises after an outage of the
 store: releases and expiries that failed are done again, every entry of a
 player here is checked (re-claimed, put back if the store lost it, or let
 go if the player was claimed elsewhere meanwhile), and sessions are sent the
-pushes they may have missed while the bus was down. What this guarantees:
-C{docs/cluster.md}.
+pushes they may have missed while the bus was down (or while the gate's
+heartbeat had lapsed). With a durable copy in PostgreSQL the store puts
+back what Redis lost from it, and sessions are sent what the copy held
+beyond what they had. What this guarantees: C{docs/cluster.md},
+C{docs/persistence.md}.
 """
 
 import json

@@ -53,8 +53,9 @@ class Metrics:
         self.bad = Counter("mmogate_bad_input", "Client input refused",
                            ["code"], registry=r)
         self.refused = Counter("mmogate_connections_refused", "Client "
-                               "connections refused by limits.max_connections "
-                               "or limits.max_per_ip", ["reason"], registry=r)
+                               "connections refused by limits.max_connections, "
+                               "limits.max_per_ip or limits.connect_rate",
+                               ["reason"], registry=r)
         self.limited = Counter("mmogate_sessions_limited", "Sessions closed "
                                "by a limit (login_timeout, rate_limited)",
                                ["reason"], registry=r)

@@ -29,6 +29,7 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
 
     def connectionMade(self):
         WebSocketServerProtocol.connectionMade(self)
+        self._accepted = self.factory.clock.seconds()
         # The opening handshake must be done this long after connecting,
         # however slowly it trickles in. Not autobahn's openHandshakeTimeout:
         # that rounds to whole seconds of the wall clock.
@@ -68,7 +69,9 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
             self.transport_name = "ws+tls"
         self.peer = peer_of(self.transport)
         self._closer = ClosingTimer(self.factory.clock)
-        self.session = self.factory.sessions.open(self)
+        # The login timeout counts from the connection, not the handshake.
+        self.session = self.factory.sessions.open(self,
+                                                  accepted=self._accepted)
         self._flow = OutputFlow(self.transport, self.factory.max_outbuf,
                                 self.session.slow_consumer,
                                 self.session.writable,

@@ -3,9 +3,12 @@ PostgreSQL (C{store.postgres_dsn}) for what must outlive every gate and
 Redis: the durable mailbox and the session audit log.
 
 psycopg2 runs in the threads of an C{adbapi.ConnectionPool}, never on the
-reactor thread. With a DSN set, L{PostgresMailboxStore} is the mailbox store
-of the gate (whatever C{store.kind} is): a push is answered only after its
-row committed, so C{queued} is never claimed for what is not stored.
+reactor thread. With a DSN set and C{store.kind = memory},
+L{PostgresMailboxStore} is the mailbox store of the gate; with C{store.kind
+= redis} it keeps the durable copy of the mailboxes Redis numbers
+(L{PostgresMailboxStore.store_numbered}, L{PostgresMailboxStore.snapshot}).
+Either way a push is answered only after its rows committed, so C{queued}
+is never claimed for what is not stored.
 
 Writes go through one ordered lane (L{PostgresStore.write}): operations
 queued while the lane is busy are committed together in one transaction and
@@ -1000,6 +1003,7 @@ class PostgresMailboxStore:
         self._max_age = max_age
         self._acks = {}
         self._acks_writing = False
+        self._acks_failing = False
         self._acks_dropped = 0
 
     @property
@@ -1071,9 +1075,17 @@ class PostgresMailboxStore:
         """
         Record an ack Redis took: off the session's path, coalesced per
         player (the highest seq counts) and written in one statement for
-        all the players whose acks came while the last write ran. At most
+        all the players whose acks came while the last write ran. While
+        PostgreSQL is away they wait (the next ack tries again). At most
         L{MAX_ACKS} players wait; beyond that acks are dropped (logged).
         """
+        if "\x00" in player_id:
+            return
+        self._keep_ack(player_id, seq, epoch)
+        if not self._acks_writing:
+            self._write_acks()
+
+    def _keep_ack(self, player_id, seq, epoch):
         acks = self._acks
         current = acks.get(player_id)
         if current is not None and current[1] == epoch:
@@ -1085,11 +1097,8 @@ class PostgresMailboxStore:
                     self._acks_dropped % 100000 == 0:
                 self.log.warn("{n} acks not mirrored to PostgreSQL: too "
                               "many waiting", n=self._acks_dropped)
-            return
         else:
             acks[player_id] = (seq, epoch)
-        if not self._acks_writing:
-            self._write_acks()
 
     def _write_acks(self):
         acks, self._acks = self._acks, {}
@@ -1097,10 +1106,27 @@ class PostgresMailboxStore:
             self._acks_writing = False
             return
         self._acks_writing = True
-        player_id = next(iter(acks))
         d = self._db.write(_mirror_acks, acks, self._db.clock.seconds())
-        d.addErrback(self._lost, "ack mirror", player_id)
-        d.addBoth(lambda _: self._write_acks())
+
+        def written(_):
+            self._acks_failing = False
+            self._write_acks()
+
+        def failed(failure):
+            self._acks_writing = False
+            if lost_connection(failure.value):
+                # Back in the buffer (newer acks kept); the next ack
+                # tries again.
+                for player_id, (seq, epoch) in acks.items():
+                    if player_id not in self._acks:
+                        self._keep_ack(player_id, seq, epoch)
+                if not self._acks_failing:
+                    self._acks_failing = True
+                    self._lost(failure, "ack mirror", next(iter(acks)))
+            else:
+                self.log.failure("acks refused by PostgreSQL", failure)
+
+        d.addCallbacks(written, failed)
 
     def acks_written(self):
         """

@@ -12,6 +12,8 @@ C{store.redis_prefix}):
     fields C{t} (ts) and C{h} (the push envelope without its closing brace);
   - C{P g:<gate>}: the gate's heartbeat (its online player count), with a
     TTL of C{store.gate_ttl}; C{P gates}: set of gate ids seen;
+  - C{P b:<player>}: a ban, hash C{u} its end, C{r} the time up to which
+    resume tokens are revoked (checked by CLAIM);
   - channels C{P c:<gate>} (one gate) and C{P all} (every gate).
 
 A message on a channel is a JSON header line, C{"\\n"}, then a payload.

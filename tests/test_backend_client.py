@@ -8,19 +8,25 @@ import hashlib
 import hmac
 import json
 
+import treq
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import ResponseNeverReceived
+from twisted.web._newclient import (Request, ResponseFailed,
+                                    ResponseNeverReceived)
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
 
 from gate import errors
-from gate.backend import BackendStatusError, HTTPBackend
+from gate.backend import (BackendCallError, BackendStatusError,
+                          HeadCappedPool, HeadTooLarge, HTTPBackend,
+                          is_backend_fault)
 from gate.errors import GateError
 from gate.interfaces import IBackendClient
 
@@ -415,3 +421,159 @@ class EventBodyTests(SynchronousTestCase):
         d = backend.event({"event": "online"})
         stub.flush()
         self.assertIsNone(self.successResultOf(d))
+
+
+class FaultTests(SynchronousTestCase):
+    """
+    Every failed call says whether the backend itself is at fault, by HTTP
+    status and transport, whatever code the client gets: what breakers and
+    retries judge by (L{gate.balancer}).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.resource = RecordingBackend()
+        self.stub = StubTreq(self.resource)
+        self.backend = HTTPBackend(self.clock, "http://backend.test/", "g",
+                                   timeout=5.0, http=self.stub, max_body=2048)
+
+    def error(self, d):
+        self.stub.flush()
+        return self.failureResultOf(d, BackendCallError).value
+
+    def rpc(self, status, content):
+        self.resource.answers[b"/rpc/r"] = (status, content)
+        return self.error(self.backend.call("s", "p", 1, "r", None))
+
+    def test_refusals_are_not_faults(self):
+        for status, content, code in (
+                (404, b"<html>Not Found</html>", errors.BACKEND_ERROR),
+                (404, b"", errors.ROUTE_NOT_FOUND),
+                (400, b'{"error": {"code": "backend_error"}}',
+                 errors.BACKEND_ERROR),
+                (409, b'{"error": {"code": "no_gold"}}', "no_gold"),
+                (429, b"Too Many Requests", errors.BACKEND_ERROR),
+                (404, b"x" * 5000, errors.BACKEND_ERROR)):
+            e = self.rpc(status, content)
+            self.assertEqual((e.code, e.status, e.transport_failure),
+                             (code, status, False), content[:20])
+            self.assertFalse(is_backend_fault(e), (status, content[:20]))
+        for status in (401, 403):
+            self.resource.answers[b"/login"] = (status, b"<html>no</html>")
+            e = self.error(self.backend.login("s", {}))
+            self.assertEqual((e.code, e.status), (errors.AUTH_FAILED, status))
+            self.assertFalse(is_backend_fault(e))
+
+    def test_faults(self):
+        for status, content in ((500, b'{"error": {"code": "x"}}'),
+                                (503, b""), (302, b""),
+                                (200, b"<html>"), (200, b"[1]"),
+                                (200, b'{"data": "' + b"x" * 5000 + b'"}')):
+            e = self.rpc(status, content)
+            self.assertEqual((e.code, e.status),
+                             (errors.BACKEND_ERROR, status))
+            self.assertTrue(is_backend_fault(e), (status, content[:20]))
+        self.resource.answers[b"/login"] = (200, b'{"player_id": 5}')
+        self.assertTrue(is_backend_fault(self.error(
+            self.backend.login("s", {}))))
+
+    def test_transport_failures_are_faults(self):
+        self.resource.answers[b"/rpc/r"] = None
+        d = self.backend.call("s", "p", 1, "r", None)
+        self.stub.flush()
+        self.clock.advance(5)
+        e = self.failureResultOf(d, BackendCallError).value
+        self.assertEqual((e.code, e.status, e.transport_failure),
+                         (errors.BACKEND_TIMEOUT, None, True))
+        self.assertTrue(is_backend_fault(e))
+        backend = HTTPBackend(self.clock, "http://b", "g", 5.0,
+                              http=FakeHTTP(lambda: fail(
+                                  ConnectionRefusedError())))
+        e = self.failureResultOf(backend.call("s", "p", 1, "r", None),
+                                 BackendCallError).value
+        self.assertEqual((e.code, e.transport_failure),
+                         (errors.BACKEND_UNAVAILABLE, True))
+        self.assertTrue(is_backend_fault(e))
+
+    def test_other_errors(self):
+        self.assertFalse(is_backend_fault(GateError(errors.BACKEND_ERROR,
+                                                    "no status")))
+        self.assertFalse(is_backend_fault(ValueError()))
+        self.assertFalse(is_backend_fault(BackendStatusError(404)))
+        self.assertFalse(is_backend_fault(BackendStatusError(429)))
+        self.assertTrue(is_backend_fault(BackendStatusError(503)))
+
+
+class HeadLimitTests(SynchronousTestCase):
+    """
+    An answer whose status line and headers go on past C{backend.max_head}
+    is given up at once: Twisted bounds each header line, not their number.
+    """
+
+    def request(self):
+        return Request(b"POST", b"/rpc/r", Headers({b"Host": [b"b"]}), None,
+                       persistent=True)
+
+    def connection(self, max_head=1024):
+        pool = HeadCappedPool(MemoryReactorClock(), 4, max_head)
+        protocol = pool._factory(lambda p: None, "test").buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        d = protocol.request(self.request())
+        return protocol, transport, d
+
+    def test_endless_headers_cut(self):
+        protocol, transport, d = self.connection()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        line = b"X-Pad: " + b"a" * 40 + b"\r\n"
+        sent = 0
+        while not d.called and sent < 100:
+            protocol.dataReceived(line)
+            sent += 1
+        failure = self.failureResultOf(d, ResponseFailed)
+        (reason,) = failure.value.reasons
+        self.assertTrue(reason.check(HeadTooLarge))
+        # Cut within one line of the limit, and the connection dropped.
+        self.assertEqual(sent, (1024 - 17) // len(line) + 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_head_under_limit_and_body_pass(self):
+        protocol, transport, d = self.connection()
+        head = (b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n"
+                + b"X-Pad: " + b"a" * 900 + b"\r\n\r\n")
+        self.assertLess(len(head), 1024)
+        # The head and a body far over the head limit, in one read.
+        protocol.dataReceived(head + b"b" * 3000)
+        response = self.successResultOf(d)
+        self.assertEqual(self.successResultOf(treq.content(response)),
+                         b"b" * 3000)
+        self.assertFalse(transport.disconnecting)
+        # The next answer on the connection is measured afresh.
+        d = protocol.request(self.request())
+        protocol.dataReceived(head + b"b" * 3000)
+        self.successResultOf(d)
+
+    def test_backend_error(self):
+        """
+        The call fails with C{backend_error}, a fault of a backend that is
+        reachable (it answers, endlessly).
+        """
+        clock = Clock()
+        failed = Failure(ResponseFailed([Failure(HeadTooLarge(1024))]))
+        backend = HTTPBackend(clock, "http://b", "g", 5.0,
+                              http=FakeHTTP(lambda: fail(failed)))
+        e = self.failureResultOf(backend.call("s", "p", 1, "r", None),
+                                 BackendCallError).value
+        self.assertEqual(e.code, errors.BACKEND_ERROR)
+        self.assertIn("max_head", e.msg)
+        self.assertTrue(is_backend_fault(e))
+        self.assertIsNone(backend.reachable)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_default_pool(self):
+        backend = HTTPBackend(MemoryReactorClock(), "http://b", "g", 1.0,
+                              max_connections=9, max_head=2048)
+        self.assertIsInstance(backend._pool, HeadCappedPool)
+        self.assertEqual((backend._pool.max_head,
+                          backend._pool.maxPersistentPerHost,
+                          backend._pool.retryAutomatically), (2048, 9, False))

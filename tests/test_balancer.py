@@ -18,7 +18,8 @@ from zope.interface.verify import verifyObject
 
 from backend.reference import ReferenceBackend
 from gate import errors
-from gate.backend import BackendCallError, BackendStatusError, HTTPBackend
+from gate.backend import (BackendCallError, BackendStatusError,
+                          HeadCappedPool, HTTPBackend)
 from gate.balancer import (CLOSED, HALF_OPEN, OPEN, BackendSet,
                            CircuitBreaker, LeastOutstanding, Member,
                            PlayerHash, RegistrationFailed, RoundRobin,
@@ -855,7 +856,8 @@ class FromConfigTests(SynchronousTestCase):
 
     def config(self, **changes):
         return make_config(backend__url="", backend__urls=self.URLS,
-                           backend__max_connections=77, **changes)
+                           backend__max_connections=77,
+                           backend__max_head=2048, **changes)
 
     def test_shared_pool(self):
         reactor = MemoryReactorClock()
@@ -867,6 +869,8 @@ class FromConfigTests(SynchronousTestCase):
         self.assertIs(first._http, second._http)
         self.assertIs(first._http._agent._pool, backends._pool)
         self.assertEqual(backends._pool.maxPersistentPerHost, 77)
+        self.assertIsInstance(backends._pool, HeadCappedPool)
+        self.assertEqual(backends._pool.max_head, 2048)
         self.assertEqual([m.label for m in backends.members],
                          ["10.0.0.1:8000", "10.0.0.2:8000/game"])
         self.successResultOf(backends.close())

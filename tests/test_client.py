@@ -31,7 +31,8 @@ from gate.client import Address, GateClient, GateError, Push, parse_address
 from gate.client import connection
 from gate.client.address import load_trust_root
 from gate.client.framing import FrameDecoder, FrameTooLarge, frame
-from gate.client.protocol import FramedProtocol, IPayloadReceiver, IPayloadSender
+from gate.client.protocol import (FramedProtocol, IPayloadReceiver, IPayloadSender,
+                                  WebSocketPayloadProtocol)
 
 
 def encode(obj):
@@ -746,6 +747,68 @@ class ReconnectTests(SynchronousTestCase):
         h.gate.lose()
         self.assertLessEqual(h.states[-1][1]["delay"], 0.5)
 
+    def test_failover_to_next_address(self):
+        """
+        With several addresses, a failed reconnect attempt moves on to the
+        next one (the first dial after a drop retries the same gate), and
+        the session resumes there: how the players of a killed gate reach
+        another gate of the cluster.
+        """
+        h = ClientHarness(["tcp://a.example:1", "tcp://b.example:2",
+                           "tcp://c.example:3"])
+        self.successResultOf(h.connect())
+        h.gate.received()
+        h.push(1)
+        h.endpoints.mode = "refuse"
+        h.gate.lose()
+        h.clock.advance(h.states[-1][1]["delay"])
+        h.endpoints.mode = "accept"
+        h.clock.advance(h.states[-1][1]["delay"])
+        self.assertEqual([a.host for a in h.endpoints.dials],
+                         ["a.example", "a.example", "b.example"])
+        (resume,) = h.gate.received()
+        self.assertEqual((resume["t"], resume["last_seq"]), ("resume", 1))
+        h.gate.send({"t": "resp", "id": resume["id"], "data": None,
+                     "player_id": "alice", "resume_token": "rt-2",
+                     "last_seq": 1})
+        self.assertEqual(h.state_names()[-1], "resumed")
+        self.assertEqual(h.client.address.host, "b.example")
+        # Round the list: c, then a again.
+        h.endpoints.mode = "refuse"
+        h.gate.lose()
+        for _ in range(3):
+            h.clock.advance(h.states[-1][1]["delay"])
+        self.assertEqual([a.host for a in h.endpoints.dials[3:]],
+                         ["b.example", "c.example", "a.example"])
+
+    def test_failover_after_reconnect_target(self):
+        """
+        An address a gate's C{reconnect} named that then fails is left for
+        the first of the addresses given.
+        """
+        h = ClientHarness(["tcp://a.example:1", "tcp://b.example:2"])
+        self.successResultOf(h.connect())
+        h.gate.received()
+        h.gate.send({"t": "reconnect", "addr": "z.example:9"})
+        h.bind()
+        h.endpoints.mode = "refuse"
+        h.gate.lose()
+        h.clock.advance(h.states[-1][1]["delay"])
+        h.endpoints.mode = "accept"
+        h.clock.advance(h.states[-1][1]["delay"])
+        self.assertEqual([a.host for a in h.endpoints.dials],
+                         ["a.example", "z.example", "z.example", "a.example"])
+
+    def test_addresses_checked(self):
+        with self.assertRaises(ValueError):
+            GateClient(MemoryReactorClock(), [], login={})
+        with self.assertRaises(ValueError):
+            GateClient(MemoryReactorClock(), ["tcp://a:1", "http://b/"],
+                       login={})
+        with self.assertRaisesRegex(ValueError, "for tcp\\+enc"):
+            GateClient(MemoryReactorClock(), ["tcp+enc://a:1", "tcp://b:2"],
+                       login={}, gate_key="AAAA")
+
     def test_resume_rejected_falls_back_to_login(self):
         h = self.h
         h.push(5)
@@ -1113,6 +1176,19 @@ def listen_ws_gate(gate):
     factory.protocol = WSGateProtocol
     factory.gate = gate
     return global_reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+
+class WebSocketSendTests(SynchronousTestCase):
+    def test_send_while_closing(self):
+        """
+        A payload sent (an ack or ping timer) once the close handshake has
+        begun is dropped, as on a closing TCP connection; autobahn would
+        raise out of the client's timer.
+        """
+        protocol = WebSocketPayloadProtocol()
+        for state in (protocol.STATE_CLOSING, protocol.STATE_CLOSED):
+            protocol.state = state
+            protocol.sendPayload(b'{"t":"ack","seq":1}')
 
 
 class RealSocketTests(TestCase):

@@ -4,7 +4,8 @@ real sockets: requests spread per C{backend.balance}; a backend that dies
 is retried around (idempotent routes), taken out by its health probe and
 put back when it listens again; a slow backend costs its own calls a
 C{backend_timeout} and nobody else anything; a garbage-answering backend
-gives the right code and costs bounded memory.
+gives the right code and costs bounded memory; answers refusing calls (an
+unknown path's HTML 404) never open a breaker.
 
 Backends are reference backends or tiny twisted.web resources on
 127.0.0.1, port 0, that a test can stop (closing their connections) and
@@ -97,6 +98,38 @@ class Recording(Resource):
         return [r for r, _ in self.rpcs if r == route]
 
 
+class HTMLNotFound(Resource):
+    """
+    A reference backend behind a web framework: RPCs of routes it does not
+    know get 404 with an HTML page (most frameworks' default), and route
+    C{mine} answers the backend's own code C{backend_error} with a 409.
+    """
+
+    isLeaf = True
+    ROUTES = (b"/rpc/echo", b"/rpc/whoami")
+
+    def __init__(self):
+        Resource.__init__(self)
+        self.reference = ReferenceBackend(reactor, api_key=API_KEY)
+        self._inner = self.reference.resource()
+        self.refused = 0
+
+    def render(self, request):
+        if request.method == b"POST" and request.path.startswith(b"/rpc/") \
+                and request.path not in self.ROUTES:
+            self.refused += 1
+            request.setHeader(b"content-type", b"text/html")
+            if request.path == b"/rpc/mine":
+                request.setResponseCode(409)
+                request.setHeader(b"content-type", b"application/json")
+                return (b'{"error": {"code": "backend_error", '
+                        b'"msg": "my own code"}}')
+            request.setResponseCode(404)
+            return (b"<!DOCTYPE html><html><head><title>404 Not Found"
+                    b"</title></head><body><h1>Not Found</h1></body></html>")
+        return self._inner.render(request)
+
+
 class Hanging(Resource):
     """
     A slow backend: RPCs never get an answer (nor anything at all, with
@@ -140,6 +173,7 @@ class Garbage(Resource):
         self.echo_status = 200
         self.echoes = 0
         self.streams = []
+        self.heads = []
 
     def render_GET(self, request):
         return b'{"ok": true}'
@@ -175,8 +209,37 @@ class Garbage(Resource):
         if path == b"/rpc/stream":
             self._stream(request)
             return NOT_DONE_YET
+        if path == b"/rpc/headers":
+            self._headers(request)
+            return NOT_DONE_YET
         request.setResponseCode(404)
         return b""
+
+    def _headers(self, request):
+        """
+        C{HTTP/1.1 200} and then headers without end, written raw, as fast
+        as the reactor turns, until the gate hangs up.
+        """
+        state = {"sent": 0, "done": Deferred()}
+        self.heads.append(state)
+        transport = request.channel.transport
+        request.notifyFinish().addBoth(
+            lambda _: state["done"].called or state["done"].callback("lost"))
+        transport.write(b"HTTP/1.1 200 OK\r\n")
+        lines = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000)
+                         for i in range(16))
+
+        def more():
+            if state["done"].called:
+                return
+            if state["sent"] > self.STREAM_CAP:
+                state["done"].callback("capped")
+                return
+            transport.write(lines)
+            state["sent"] += len(lines)
+            reactor.callLater(0, more)
+
+        more()
 
     def _stream(self, request):
         """
@@ -471,12 +534,63 @@ class FailingBackendTests(TestCase):
         self.assertEqual([r.path for r in silent.held
                           if r.path.startswith(b"/rpc/")], [])
 
+    async def test_refusals_never_open_breakers(self):
+        """
+        Requests for a route no backend knows get 404 with an HTML page:
+        the client gets C{backend_error} (a 4xx without an error body), but
+        the backends work, so no breaker opens, nothing is retried, the gate
+        stays ready and other players are served. Likewise a backend's own
+        code C{backend_error} on a 4xx.
+        """
+        backends = [HTMLNotFound(), HTMLNotFound()]
+        servers = [BackendServer(self, b) for b in backends]
+        gate = start_gate(self, backend={"urls": [s.url for s in servers],
+                                         "idempotent_routes": ["nosuch",
+                                                               "mine"],
+                                         "retry_backoff": 0.01,
+                                         "breaker_failures": 2,
+                                         "health_interval": 0.1,
+                                         "timeout": 3.0})
+        clients = Clients(self, gate)
+        prober = await clients.player("prober")
+        bystander = await clients.player("bystander")
+        for i in range(10):
+            for route, code in (("nosuch", errors.BACKEND_ERROR),
+                                ("mine", errors.BACKEND_ERROR)):
+                answer = await prober.request({"t": "req", "route": route,
+                                               "data": i})
+                self.assertEqual((answer["t"], answer["code"]), ("err", code),
+                                 answer)
+        self.assertEqual(answer["msg"], "my own code")
+        # One attempt each: none retried.
+        self.assertEqual(sum(b.refused for b in backends), 20)
+        self.assertEqual(self.metric(gate, "mmogate_backend_retries_total"),
+                         0.0)
+        self.assertEqual([m.breaker.state for m in gate.backend.members],
+                         ["closed", "closed"])
+        for server in servers:
+            self.assertEqual(self.metric(gate, "mmogate_backend_breaker",
+                                         backend=server.label), 0.0)
+            self.assertEqual(self.metric(
+                gate, "mmogate_backend_requests_total", backend=server.label,
+                outcome=errors.BACKEND_ERROR), 0.0)
+        self.assertEqual(sum(self.metric(gate,
+                                         "mmogate_backend_requests_total",
+                                         backend=s.label,
+                                         outcome="backend_code")
+                             for s in servers), 20)
+        status, _, raw = await HTTP(self, gate, "metrics").get("/ready")
+        self.assertEqual(status, 200, raw)
+        for i in range(4):
+            await echo(self, bystander, i)
+
     async def test_garbage_backend(self):
         max_body = 4096
         garbage = Garbage(max_body)
         server = BackendServer(self, garbage)
         gate = start_gate(self, backend={"urls": [server.url],
                                          "max_body": max_body,
+                                         "max_head": 8192,
                                          "timeout": 3.0,
                                          "health_interval": 0.0,
                                          "breaker_failures": 100})
@@ -487,6 +601,7 @@ class FailingBackendTests(TestCase):
                             ("notobject", errors.BACKEND_ERROR),
                             ("huge", errors.BACKEND_ERROR),
                             ("stream", errors.BACKEND_ERROR),
+                            ("headers", errors.BACKEND_ERROR),
                             ("e500", errors.BACKEND_ERROR),
                             ("reset", errors.BACKEND_UNAVAILABLE),
                             ("nothing", errors.ROUTE_NOT_FOUND)):
@@ -501,6 +616,15 @@ class FailingBackendTests(TestCase):
         (stream,) = garbage.streams
         self.assertEqual(await stream["done"], "lost")
         self.assertLess(stream["sent"], Garbage.STREAM_CAP)
+        # So were the endless headers: at backend.max_head, well before
+        # backend.timeout (asserted above), so the gate held at most that
+        # much of them (plus a read) instead of all it was sent meanwhile.
+        (head,) = garbage.heads
+        self.assertEqual(await head["done"], "lost")
+        self.assertLess(head["sent"], Garbage.STREAM_CAP)
+        self.assertEqual(self.metric(gate, "mmogate_backend_requests_total",
+                                     backend=server.label,
+                                     outcome=errors.BACKEND_ERROR), 6.0)
         self.assertEqual(gate.backend.members[0].outstanding, 0)
 
     async def test_idempotent_route_retried_past_5xx(self):

@@ -10,9 +10,11 @@ a proxy the test cuts. What is checked is what C{docs/persistence.md}
 promises for this mode.
 """
 
+from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.e2e import HTTP, connect_tcp, stop_gate, until
+from gate.client import GateClient
+from tests.e2e import HTTP, TIMEOUT, connect_tcp, stop_gate, until, within
 from tests.services import (delete_keys, redis_command, redis_keys,
                             redis_prefix, require_redis)
 from tests.test_cluster import cluster_gate, reachable
@@ -267,3 +269,41 @@ class FlushTests(DurableClusterCase):
                          [(1, 0), (2, 1), (3, 2)])
         self.assertEqual(await redis_command(
             "HGET", self.prefix + "p:alice", "g"), b"A")
+
+
+class ClientLibraryTests(DurableClusterCase):
+    async def test_client_resumes_through_a_redis_loss(self):
+        """
+        The Python client, whose connection drops while Redis loses its
+        data, resumes by itself with its token and gets what was queued
+        meanwhile, once each, in order: no fresh login.
+        """
+        a = self.gate("A")
+        await self.started(a)
+        api = HTTP(self, a)
+        host, port = a.address("tcp")
+        pushes, states = [], []
+        client = GateClient(reactor, f"tcp://{host}:{port}",
+                            login={"name": "alice"}, on_push=pushes.append,
+                            on_state=lambda state, info: states.append(state),
+                            max_backoff=0.5)
+        self.addCleanup(lambda: within(client.close(), TIMEOUT,
+                                       "the client to close"))
+        await within(client.connect(), TIMEOUT, "alice to log in")
+        for n in (1, 2):
+            self.assertEqual((await api.push(["alice"], "n", n))["delivered"],
+                             1)
+        await until(lambda: len(pushes) == 2, "two live pushes")
+        await self.acked_in_postgres("alice", 2)
+        a.players.get("alice").session.connection.abort()
+        await until(lambda: a.players.get("alice").session is None,
+                    "the gate to see the drop")
+        await self.flush_redis()
+        for n in (3, 4):
+            self.assertEqual((await api.push(["alice"], "n", n))["queued"],
+                             1)
+        await until(lambda: len(pushes) == 4, "the queued pushes")
+        self.assertEqual([(p.seq, p.data) for p in pushes],
+                         [(n, n) for n in range(1, 5)])
+        self.assertEqual(states.count("logged_in"), 1)
+        self.assertIn("resumed", states)

@@ -1,6 +1,7 @@
 """
 Tests for L{gate.limits} and the limits sessions and listeners apply:
-connections in all and per address (L{ConnectionLimits}, refused through
+connections in all and per address and new connections a second per
+address (L{ConnectionLimits}, L{ConnectRate}, refused through
 L{gate.connection.SessionFactory}), the login timeout, and the rate of a
 session's envelopes (L{TokenBucket}), on a L{Clock} and in-memory
 transports.
@@ -483,6 +484,29 @@ class WebSocketListenerLimitTests(SynchronousTestCase):
         self.assertEqual(self.stack.sessions.limits.open, 1)
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.stack.sessions.limits.open, 0)
+
+    def test_login_timeout_counts_from_accept(self):
+        """
+        The login timeout runs from the TCP accept, not from the end of a
+        slow opening handshake.
+        """
+        stack = Stack(session__login_timeout=5, session__heartbeat_ttl=1000)
+        self.patch(txaio.config, "loop", stack.clock)
+        factory = GateWebSocketFactory(stack.sessions, 1024, stack.clock,
+                                       handshake_timeout=5)
+        factory.reactor = stack.clock
+        address = IPv4Address("TCP", "10.0.0.9", 77)
+        protocol = factory.buildProtocol(address)
+        transport = _WSTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        stack.clock.advance(4.5)
+        protocol.dataReceived(self.HANDSHAKE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101"))
+        [session] = stack.sessions.sessions.values()
+        stack.clock.advance(0.49)
+        self.assertFalse(session.closing)
+        stack.clock.advance(0.01)
+        self.assertTrue(session.closing)
 
 
 class LoginTimeoutTests(SynchronousTestCase):

@@ -541,6 +541,36 @@ class OutageTests(TestCase):
                           (await mailboxes.read_after("a", 0))[1]],
                          ["before", "after"])
 
+    async def test_acks_mirrored_wait_for_return(self):
+        """
+        Acks mirrored while PostgreSQL is away wait (coalesced) and are
+        written with the next ack once it is back.
+        """
+        store = await self.start()
+        mailboxes = store.mailboxes
+        await mailboxes.store_numbered([("a", 1, "E"), ("a", 2, "E"),
+                                        ("b", 1, "F")], 0.0, "r", 1)
+        self.proxy.cut()
+        await self.outcome(store.run(lambda c: None))
+        mailboxes.mirror_ack("a", 1, "E")
+        await within(mailboxes.acks_written(), OP_TIMEOUT, "acks")
+        mailboxes.mirror_ack("a", 2, "E")
+        await within(mailboxes.acks_written(), OP_TIMEOUT, "acks")
+        self.assertEqual(mailboxes._acks, {"a": (2, "E")})
+        self.proxy.restore()
+        for _ in range(10):
+            self.clock.advance(1.0)
+            if store.reachable:
+                break
+            await self.outcome(store.run(lambda c: None))
+        mailboxes.mirror_ack("b", 1, "F")
+        await within(mailboxes.acks_written(), OP_TIMEOUT, "acks")
+        self.assertEqual(await sql(self.direct, "SELECT player_id, acked FROM"
+                                                " mmogate_mailbox_state"
+                                                " ORDER BY 1"),
+                         [("a", 2), ("b", 1)])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     async def test_first_use_after_return_works(self):
         """
         Every pooled connection went through the outage: none of them is

@@ -219,7 +219,10 @@ class GateClient:
     @param addr: C{tcp://host:port}, C{tls://host:port},
         C{ws://host:port/ws}, C{wss://host:port/ws} or
         C{tcp+enc://host:port} (the encrypted channel); a bare
-        C{host:port} is TCP.
+        C{host:port} is TCP. Or a list of them, the gates of one cluster:
+        the client starts with the first, and a reconnect attempt that
+        fails moves it on to the next, so the players of a gate that died
+        resume on another.
     @param clock: the L{IReactorTime} for every timer (default: C{reactor}).
     @param ca_file: PEM file of the CA(s) to trust for C{tls}/C{wss}
         instead of the platform's store.
@@ -249,7 +252,12 @@ class GateClient:
             raise ValueError("token must be a non-empty string")
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
-        self._address = parse_address(addr)
+        addrs = list(addr) if isinstance(addr, (list, tuple)) else [addr]
+        if not addrs:
+            raise ValueError("give at least one address")
+        #: Where reconnects go round when an attempt fails (L{_failover}).
+        self._addresses = [parse_address(a) for a in addrs]
+        self._address = self._addresses[0]
         self._login = login
         self._token = token
         self._on_push = on_push
@@ -261,7 +269,8 @@ class GateClient:
         self._max_backoff = max_backoff
         self._connect_timeout = connect_timeout
         self._max_frame = max_frame
-        if gate_key is not None and not self._address.encrypted_channel:
+        if gate_key is not None and not all(
+                a.encrypted_channel for a in self._addresses):
             raise ValueError("gate_key is for tcp+enc:// addresses")
         self._gate_key = (parse_gate_key(gate_key) if gate_key is not None
                           else None)
@@ -328,7 +337,7 @@ class GateClient:
     def address(self):
         """
         The L{Address} the client (re)connects to; a gate's C{reconnect}
-        changes it.
+        changes it, and so does a failed attempt when several were given.
         """
         return self._address
 
@@ -513,9 +522,25 @@ class GateClient:
             self._emit("migration_failed", addr=str(link.address),
                        code=error.code, msg=error.msg)
         elif retry and self._reconnect:
+            self._failover(link)
             self._scheduleReconnect()
         else:
             self._shutdown(error)
+
+    def _failover(self, link):
+        """
+        An attempt at C{link.address} failed: with several addresses, the
+        next attempt goes to the next one (after the last, the first; after
+        an address a gate's C{reconnect} named, the first).
+        """
+        addresses = self._addresses
+        if len(addresses) < 2 or link.address != self._address:
+            return
+        try:
+            i = addresses.index(link.address)
+        except ValueError:
+            i = -1
+        self._address = addresses[(i + 1) % len(addresses)]
 
     def _linkLost(self, link, reason):
         if link.finished:

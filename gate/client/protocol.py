@@ -143,7 +143,11 @@ class WebSocketPayloadProtocol(WebSocketClientProtocol):
         self.factory.receiver.payloadLost(reason)
 
     def sendPayload(self, payload):
-        self.sendMessage(payload, isBinary=False)
+        # Once either side began the close handshake autobahn refuses to
+        # send (it raises); what is lost then is lost, as with a framed
+        # transport whose connection is going.
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(payload, isBinary=False)
 
     def loseConnection(self):
         # A close handshake tells the gate this was deliberate; autobahn
