@@ -136,8 +136,8 @@ SCHEMA = (
     Key("session.burst", int, 100, "Requests one session may send at once "
         "above session.rate.", minimum=1),
     Key("session.rate_strikes", int, 100, "Strikes at which a session is "
-        "closed: each rate_limited answer adds one, each envelope served "
-        "takes one away.", minimum=1),
+        "closed: each rate_limited answer adds one, and one fades each "
+        "second.", minimum=1),
     Key("session.max_depth", int, 32, "Deepest JSON nesting accepted in a "
         "client envelope; deeper is bad_json.", minimum=2),
     Key("session.max_frame", int, 65536, "Largest client payload in bytes.",

@@ -24,6 +24,10 @@ from gate.tokens import TokenError
 #: in requests: they are cheap to serve, but not free.
 CHEAP_COST = 0.125
 
+#: Strikes (rate_limited answers) forgiven per second: sending over the
+#: rate for long enough closes a session, a burst now and then does not.
+STRIKE_DECAY = 1.0
+
 
 class Session:
     """
@@ -63,6 +67,7 @@ class Session:
         self._login_timer = None
         self._bucket = TokenBucket(manager.rate, manager.burst, clock)
         self._strikes = 0
+        self._strike_time = 0.0
         # send_reconnect: (addr, reason) from the moment the session is told
         # to move; _moved once the envelope is out; _leave_call closes it
         # drain.close_after seconds later.
@@ -113,8 +118,6 @@ class Session:
             if not self._bucket.take(1.0, now):
                 self._rate_limited(rid, True)
                 return
-            if self._strikes:
-                self._strikes -= 1
             self.manager.bad_input(self, e.code)
             self.send(envelope.err(rid, e.code, e.msg))
             return
@@ -123,8 +126,6 @@ class Session:
                                  else CHEAP_COST, now):
             self._rate_limited(env.id, kind != "ack" and kind != "pong")
             return
-        if self._strikes:
-            self._strikes -= 1
         if kind == "ping":
             self.send(envelope.message({"t": "pong", "ts": env["ts"]}))
         elif kind == "pong":
@@ -153,10 +154,19 @@ class Session:
         An envelope found the session's allowance (C{session.rate},
         C{session.burst}) used up: answer C{rate_limited} (unless C{answer}
         is false: an C{ack} or C{pong} over the rate is dropped) and count a
-        strike. Each envelope served takes a strike away (in L{receive}), so
-        a client that keeps sending more than twice the rate reaches
-        C{session.rate_strikes} and is closed, one that slows down is not.
+        strike. Strikes fade by L{STRIKE_DECAY} a second, so a client that
+        keeps sending over the rate reaches C{session.rate_strikes} and is
+        closed, however many of its envelopes are served in between, while
+        one that bursts now and then is not.
         """
+        now = self._clock.seconds()
+        # Whole strikes fade, so that N strikes in quick succession are N.
+        faded = int((now - self._strike_time) * STRIKE_DECAY)
+        if faded >= self._strikes:
+            self._strikes, self._strike_time = 0, now
+        else:
+            self._strikes -= faded
+            self._strike_time += faded / STRIKE_DECAY
         self._strikes += 1
         manager = self.manager
         manager.bad_input(self, errors.RATE_LIMITED)
@@ -182,8 +192,6 @@ class Session:
         now = self.last_recv = self._clock.seconds()
         if not self._bucket.take(CHEAP_COST, now):
             self._rate_limited(None, False)
-        elif self._strikes:
-            self._strikes -= 1
 
     def frame_too_large(self, size, limit):
         self.manager.bad_input(self, errors.FRAME_TOO_LARGE)

@@ -659,20 +659,36 @@ class RateTests(SynchronousTestCase):
                                 reason="rate_limited"), 1)
         self.assertIsNone(self.stack.players.get("alice").session)
 
-    def test_served_envelopes_take_strikes_away(self):
+    def test_strikes_fade_with_time(self):
         for rid in range(1, 4):
             self.req(rid)
         for rid in range(4, 7):
             self.req(rid)
-        self.stack.clock.advance(1)
-        self.req(7)
-        self.req(8)
-        # Three strikes, two taken away: three more to go.
-        for rid in range(9, 11):
+        # Three strikes; two seconds take two away: three more to go.
+        self.stack.clock.advance(2)
+        for rid in range(7, 12):
             self.req(rid)
         self.assertFalse(self.connection.closed)
-        self.req(11)
+        self.req(12)
         self.assertTrue(self.connection.closed)
+
+    def test_served_envelopes_do_not_forgive(self):
+        """
+        A client sending under twice the rate has envelopes served between
+        its strikes; sustained, it is still closed.
+        """
+        stack = Stack(session__rate=20.0, session__burst=20,
+                      session__rate_strikes=100)
+        session, connection, _ = stack.login("carol")
+        rid = 0
+        for tick in range(38 * 20):
+            stack.clock.advance(1 / 38)
+            rid += 1
+            stack.send(session, t="req", id=rid, route="r")
+            if connection.closed:
+                break
+        self.assertTrue(connection.closed)
+        self.assertLess(stack.clock.seconds(), 10)
 
     def test_sustained_flood_closed(self):
         """
