@@ -42,6 +42,8 @@ from gate.player import PushResult
 
 #: What clients and the push API are told while the store is away.
 UNREACHABLE = "the shared player store is unreachable; try again shortly"
+#: What the push API is told once the gate is leaving the cluster.
+STOPPING = "the gate is stopping; nothing was sent: use another gate"
 
 
 class StoreUnavailable(GateError):
@@ -110,6 +112,11 @@ class Cluster:
         self.releases = set()
         self.expiries = {}
         self._loops = []
+        #: Set by L{stop}: pushes and broadcasts are refused from then on,
+        #: so that none is sent after the store's last answer is awaited
+        #: (one sent then could be applied with its answer lost: a 503 for
+        #: a push made).
+        self.leaving = False
 
     def start(self):
         self.bus.listen(self.gate_id, self)
@@ -125,6 +132,7 @@ class Cluster:
         Leave the cluster once what was sent (the releases of the sessions
         that closed) is answered; disconnect.
         """
+        self.leaving = True
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -149,6 +157,8 @@ class Cluster:
         """
         L{gate.player.PlayerManager.push} for a shared store.
         """
+        if self.leaving:
+            return fail(StoreUnavailable(STOPPING))
         if not self.bus.reachable:
             return self._unreachable()
         ts = self._clock.seconds()
@@ -181,6 +191,8 @@ class Cluster:
         @return: L{Deferred} firing with the sessions here plus the online
             players the other live gates last reported.
         """
+        if self.leaving:
+            return fail(StoreUnavailable(STOPPING))
         if not self.bus.reachable:
             return self._unreachable()
         d = self.bus.broadcast(self.gate_id, message.payload)

@@ -214,6 +214,16 @@ class _Link:
         self.proto = proto
         self.store._changed()
 
+    def drop(self, proto):
+        """
+        C{proto} timed out and is being aborted: send nothing more on it
+        (its late replies must not answer later commands). Reconnecting
+        follows its loss (L{_lost}).
+        """
+        if self.proto is proto:
+            self.proto = None
+            self.store._changed(lost=self)
+
     def _lost(self, proto):
         if self._connection is proto:
             self._connection = None
@@ -414,7 +424,7 @@ class RedisStore:
             d = proto.execute_command(*args)
         except txredisapi.ConnectionError:
             return fail(StoreUnavailable())
-        return d.addErrback(self._failed)
+        return d.addErrback(self._failed, proto)
 
     def _eval(self, name, keys, args):
         d = self._call(b"EVALSHA", self._shas[name], len(keys), *keys,
@@ -430,9 +440,11 @@ class RedisStore:
 
         return d.addErrback(missing)
 
-    def _failed(self, failure):
+    def _failed(self, failure, proto=None):
         # Clients and the push API are told the store is away; the log
         # says why (once, as the connection drops).
+        if failure.check(txredisapi.TimeoutError) and proto is not None:
+            self._cmd.drop(proto)
         if failure.check(txredisapi.ConnectionError):
             raise StoreUnavailable()
         return failure

@@ -57,6 +57,7 @@ class ProofClient(GateClient):
         self.gaps = []
         self.kicks = []
         self.states = []
+        self.errors = []
         self.times = {}
         self.wire_disorder = 0
         self.overlap = 0
@@ -92,6 +93,8 @@ class ProofClient(GateClient):
 
     def _state(self, state, info):
         self.states.append(state)
+        if "code" in info:
+            self.errors.append((state, info["code"], info.get("msg")))
         self.times.setdefault(state, []).append(reactor.seconds())
 
     def first(self, state, after=0.0):
@@ -123,7 +126,34 @@ def stuck(clients, state, after):
     late = [c for c in clients if c.first(state, after) is None]
     return (f"{len(late)} clients not {state}; e.g. "
             + "; ".join(f"{c.name} at {c.address}: {c.states[-6:]} "
-                        f"kicks {c.kicks}" for c in late[:5]))
+                        f"kicks {c.kicks} errors {c.errors[-3:]}"
+                        for c in late[:5]))
+
+
+class LagMonitor:
+    """
+    How late the reactor runs a timer due every C{interval} seconds: the
+    longest lateness says how long the busy test process kept every gate
+    and client in it waiting.
+    """
+
+    def __init__(self, test, interval=0.05):
+        self.interval = interval
+        self.worst = 0.0
+        self._due = reactor.seconds() + interval
+        self._call = reactor.callLater(interval, self._tick)
+        test.addCleanup(self.stop)
+
+    def _tick(self):
+        now = reactor.seconds()
+        self.worst = max(self.worst, now - self._due)
+        self._due = now + self.interval
+        self._call = reactor.callLater(self.interval, self._tick)
+
+    def stop(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
 
 def address_of(gate, transport):

@@ -990,6 +990,10 @@ class MigrationTests(SynchronousTestCase):
         self.assertEqual(factory.url, "ws://c:8081/ws")
 
     def test_migration_fails(self):
+        """
+        A move that fails leaves the session on the old gate and is tried
+        again after the backoff delay.
+        """
         h = self.h
         old = h.gate
         h.endpoints.mode = "refuse"
@@ -997,6 +1001,54 @@ class MigrationTests(SynchronousTestCase):
         self.assertEqual(h.state_names()[-1], "migration_failed")
         self.assertTrue(h.client.connected)
         self.assertFalse(old.closing)
+        h.endpoints.mode = "accept"
+        h.clock.advance(h.states[-1][1]["delay"])
+        self.assertEqual(h.endpoints.dials[-1], Address("tcp", "b", 2))
+        self.assertEqual(h.bind()["t"], "resume")
+        self.assertTrue(old.closing)
+        self.assertEqual(h.state_names()[-1], "resumed")
+
+    def test_move_refused_by_a_slow_store(self):
+        """
+        The new gate answers the resume C{internal} (its store timed out)
+        although the claim held, and the old gate then kicks the old
+        connection C{replaced}: that is the client's own move, not another
+        device; it goes on to the new gate and resumes there.
+        """
+        h = self.h
+        old = h.gate
+        h.push(1, gate=old)
+        old.send({"t": "reconnect", "addr": "b:2", "reason": "drain"})
+        new = h.gate
+        (resume,) = new.received()
+        new.send({"t": "err", "id": resume["id"], "code": "internal",
+                  "msg": "the shared player store is unreachable"})
+        new.lose()
+        self.assertEqual(h.state_names()[-1], "migration_failed")
+        old.send({"t": "kick", "reason": "replaced", "msg": ""})
+        old.lose(ConnectionDone)
+        self.assertEqual(h.kicks, [])
+        self.assertNotIn("closed", h.state_names())
+        h.clock.advance(h.states[-2][1]["delay"])
+        self.assertIsNot(h.gate, new)
+        (again,) = h.gate.received()
+        self.assertEqual((again["t"], again["last_seq"]), ("resume", 1))
+        self.assertEqual(h.endpoints.dials[-1], Address("tcp", "b", 2))
+        h.gate.send({"t": "resp", "id": again["id"], "data": None,
+                     "player_id": "alice", "resume_token": "rt-3",
+                     "last_seq": 1})
+        self.assertEqual(h.state_names()[-1], "resumed")
+        self.assertTrue(h.client.connected)
+
+    def test_replaced_without_a_move_is_final(self):
+        """
+        Without a C{reconnect}, C{replaced} still means another device took
+        the player: the client stops.
+        """
+        h = self.h
+        h.gate.send({"t": "kick", "reason": "replaced", "msg": "x"})
+        h.gate.lose(ConnectionDone)
+        self.assertEqual(h.state_names()[-1], "closed")
 
     def test_bad_address_ignored(self):
         self.h.gate.send({"t": "reconnect", "addr": "http://x/"})

@@ -115,6 +115,8 @@ class _Link:
         self.kick_msg = ""
         self.acked = 0
         self.heard = None
+        #: The gate told this connection to C{reconnect} elsewhere.
+        self.moving = False
         self._waiters = []
 
     def payloadConnected(self, sender):
@@ -487,6 +489,9 @@ class GateClient:
         old, self._current = self._current, link
         self._binding = None
         self._attempt = 0
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()  # a retried move that is now done
+        self._retry_call = None
         self._startPinging()
         if old is not None:
             old.close()
@@ -519,8 +524,13 @@ class GateClient:
         if self._connected_d is not None:
             self._shutdown(error)
         elif self._current is not None:
+            info = {}
+            if retry and self._reconnect and self._current.moving:
+                # The old gate closes that session anyway: try again (its
+                # store may have been slow; the claim may even have held).
+                info["delay"] = self._scheduleRetry()
             self._emit("migration_failed", addr=str(link.address),
-                       code=error.code, msg=error.msg)
+                       code=error.code, msg=error.msg, **info)
         elif retry and self._reconnect:
             self._failover(link)
             self._scheduleReconnect()
@@ -586,17 +596,28 @@ class GateClient:
             self._shutdown(error)
 
     def _scheduleReconnect(self):
+        delay = self._scheduleRetry()
+        if delay is not None:
+            self._emit("reconnecting", addr=str(self._address), delay=delay,
+                       attempt=self._attempt)
+
+    def _scheduleRetry(self):
+        """
+        The next attempt at the current address, after the backoff delay;
+        that delay, or C{None} when an attempt is already scheduled.
+        """
+        if self._retry_call is not None and self._retry_call.active():
+            return None
         ceiling = min(self._max_backoff,
                       INITIAL_BACKOFF * 2 ** min(self._attempt, 32))
         delay = ceiling * (0.5 + self._random.random() / 2)
         self._attempt += 1
-        self._emit("reconnecting", addr=str(self._address), delay=delay,
-                   attempt=self._attempt)
         self._retry_call = self._clock.callLater(delay, self._retry)
+        return delay
 
     def _retry(self):
         self._retry_call = None
-        if not self._closed:
+        if not self._closed and self._binding is None:
             self._dial(self._address)
 
     def _cancelConnect(self, d):
@@ -705,8 +726,9 @@ class GateClient:
         reason = obj.get("reason")
         msg = obj.get("msg", "")
         if (reason == "replaced" and link is self._current
-                and self._binding is not None):
-            # Our own resume at the address we were sent to took over.
+                and (self._binding is not None or link.moving)):
+            # Our own resume at the address we were sent to took over (or
+            # did, though its answer was an error): go on moving.
             return
         link.kick = reason
         link.kick_msg = msg if isinstance(msg, str) else ""
@@ -723,6 +745,7 @@ class GateClient:
         # From now on this is where the session lives, also for plain
         # reconnects should the move itself fail.
         self._address = address
+        link.moving = True
         if self._binding is not None:
             stale, self._binding = self._binding, None
             stale.drop()
