@@ -30,6 +30,14 @@ def keys_table():
     return "\n".join(lines)
 
 
+#: What a required key's default column says.
+REQUIRED_DEFAULTS = {
+    "api.key": "required in a file (`dev-api-key` without one)",
+    "auth.secret": "required in a file, at least 32 bytes (random without "
+                   "one)",
+}
+
+
 def keys_markdown():
     """
     The configuration reference table of README.md.
@@ -37,8 +45,7 @@ def keys_markdown():
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key in SCHEMA:
         if key.required:
-            default = ("required in a file (generated without one; "
-                       "`api.key` is `dev-api-key`)")
+            default = REQUIRED_DEFAULTS.get(key.name, "required in a file")
         elif key.default in (None, "", []):
             default = "unset"
         else:
