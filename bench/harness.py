@@ -713,16 +713,18 @@ def check_common_args(parser, args):
         parser.error("--wait-quiet must be in [0, 3600]")
 
 
-def run_main(main, args, title):
+def run_main(main, args, title, run_class=None):
     """
     Run C{main(reactor, run)} under the reactor; every child is gone when
     this returns, whatever happened (an error, Ctrl-C, SIGTERM). Returns
     C{main}'s status.
+
+    @param run_class: the L{Run} (sub)class of C{run}.
     """
     from twisted.internet import reactor
 
     status = {"code": 1}
-    run = Run(reactor, args, title)
+    run = (run_class or Run)(reactor, args, title)
 
     @defer.inlineCallbacks
     def top():

@@ -15,7 +15,8 @@ sessions:
   - C{kick}, C{reconnect}: for the player's session here;
   - C{kick_session}: the player was claimed on another gate; the session
     here is kicked C{replaced} without going offline (the player lives on
-    there).
+    there), unless it has claimed the player again since (the kick names
+    the claim it replaced, by number).
 
 The cluster also keeps this gate's heartbeat (with its online count) and
 its players' entries alive, and resynchronises after an outage of the
@@ -23,7 +24,10 @@ store: releases and expiries that failed are done again, every entry of a
 player here is checked (re-claimed, put back if the store lost it, or let
 go if the player was claimed elsewhere meanwhile), and sessions are sent the
 pushes they may have missed while the bus was down (or while the gate's
-heartbeat had lapsed). With a durable copy in PostgreSQL the store puts
+heartbeat had lapsed): then, or as soon as a push with a later seq than a
+session expects reaches it, whichever comes first. Once, when the store is
+first reachable, it takes over the players an earlier process of the same
+gate id left there. With a durable copy in PostgreSQL the store puts
 back what Redis lost from it, and sessions are sent what the copy held
 beyond what they had. What this guarantees: C{docs/cluster.md},
 C{docs/persistence.md}.
@@ -39,11 +43,16 @@ from gate import errors
 from gate.envelope import Outgoing, encode
 from gate.errors import GateError
 from gate.player import PushResult
+from gate.session import read_paged
 
 #: What clients and the push API are told while the store is away.
 UNREACHABLE = "the shared player store is unreachable; try again shortly"
 #: What the push API is told once the gate is leaving the cluster.
 STOPPING = "the gate is stopping; nothing was sent: use another gate"
+
+#: Longest wait before a failed read of pushes a session missed is tried
+#: again (the wait doubles from 0.1 s; live pushes are held meanwhile).
+READ_RETRY_MAX = 5.0
 
 
 class StoreUnavailable(GateError):
@@ -82,6 +91,26 @@ class RemotePush:
         return Outgoing(b"%s,\"seq\":%d}" % (self._head, seq), seq=seq)
 
 
+class Missed:
+    """
+    A session's reads of pushes it missed (L{gate.session.Session.missed}):
+    one read at a time; C{again} when another is owed once the hold under
+    way ends; C{floor}, the highest seq a finished read covered (so that a
+    push the mailbox no longer has, acked or trimmed, is not read for
+    forever); C{target}, what the read under way covers.
+    """
+
+    __slots__ = ("reading", "again", "floor", "target", "claim", "failures")
+
+    def __init__(self):
+        self.reading = False
+        self.again = False
+        self.floor = 0
+        self.target = 0
+        self.claim = None
+        self.failures = 0
+
+
 class Cluster:
     """
     Routes through a shared store for one gate, and serves what other gates
@@ -111,6 +140,9 @@ class Cluster:
         #: it is back.
         self.releases = set()
         self.expiries = {}
+        #: Whether the players an earlier process of this gate id left in
+        #: the store were taken over (once, when it is first reachable).
+        self.adopted = False
         self._loops = []
         #: Set by L{stop}: pushes and broadcasts are refused from then on,
         #: so that none is sent after the store's last answer is awaited
@@ -211,13 +243,17 @@ class Cluster:
         return self.bus.send_to_player(player_id, "reconnect", encode(
             {"addr": addr, "reason": reason}))
 
-    def kick_session(self, location, reason, msg):
+    def kick_session(self, location, reason, msg, claim=0):
         """
         Kick the session at C{location} (a L{gate.player.Location}), here or
         on its gate.
+
+        @param claim: the number of the claim that put the session there
+            (L{gate.player.Claim.previous_number}): a session that claimed
+            the player again since is not kicked.
         """
         header = {"op": "kick_session", "p": location.player_id,
-                  "s": location.session_id}
+                  "s": location.session_id, "c": claim}
         payload = encode({"reason": reason, "msg": msg})
         if location.gate_id == self.gate_id:
             self.received(header, payload)
@@ -267,6 +303,12 @@ class Cluster:
         pending, self.releases = self.releases, set()
         directory = self.players.directory
         for player_id, session_id in pending:
+            if self._session(player_id, session_id) is not None:
+                # Claimed again since (a retried login on the same
+                # connection), or being claimed: releasing would take a
+                # live session offline; a claim that fails again is given
+                # back then.
+                continue
             directory.release(player_id, self.gate_id, session_id,
                               self._clock.seconds()).addErrback(
                 self.release_failed, player_id, session_id)
@@ -299,8 +341,8 @@ class Cluster:
                     self.players.reconnect(session.player_id, body["addr"],
                                            body["reason"])
             elif op == "kick_session" and body["reason"] == "replaced":
-                self.players.replaced_elsewhere(session, body["reason"],
-                                                body["msg"])
+                self._replaced(session, header.get("p"), header.get("c"),
+                               body["msg"])
             else:
                 session.kick(body["reason"], body["msg"])
         else:
@@ -319,6 +361,26 @@ class Cluster:
             return session
         return None
 
+    def _replaced(self, session, player_id, claim, msg):
+        """
+        The claim C{claim} of C{session} was replaced on another gate.
+        """
+        players = self.players
+        if not isinstance(claim, int) or isinstance(claim, bool):
+            claim = 0
+        if players.binding.get(session.id) == player_id:
+            # Its claim is being answered: the kick applies unless that
+            # claim is newer (decided when it is answered).
+            players.kicks[session.id] = (claim, msg)
+            return
+        player = session.player
+        if claim and player is not None and player.session is session \
+                and player.claim_number > claim:
+            # For an earlier claim of this session; it claimed the player
+            # again since (a second login on the same connection).
+            return
+        players.replaced_elsewhere(session, "replaced", msg)
+
     def _deliver(self, to, head):
         push = RemotePush(head)
         sessions = self.sessions.sessions
@@ -330,7 +392,20 @@ class Cluster:
                 # Gone or moved on: a persistent push stays in the mailbox
                 # (the player's next session reads it).
                 continue
-            session.push(push.with_seq(seq) if seq else push.transient())
+            if not seq:
+                session.push(push.transient())
+                continue
+            player = session.player
+            if not session.holding and player is not None \
+                    and player.session is session \
+                    and player.player_id == player_id \
+                    and seq > max(session.delivered_seq, player.claim_seq) + 1:
+                # Pushes before it went by while this gate did not listen
+                # (its subscription or heartbeat was down): read them from
+                # the mailbox, holding this one and the next meanwhile.
+                self._read(player, session, session.missed or Missed(),
+                           seq - 1)
+            session.push(push.with_seq(seq))
 
     # Keeping this gate's part of the store alive.
 
@@ -379,10 +454,12 @@ class Cluster:
                                   player_id=player.player_id)
                 if session is not None and player.session is session:
                     # Its durable copy may hold pushes it has not had.
-                    self._replay(player, session)
+                    self.catch_up(player, session)
                 continue
             if session is not None:
-                if status == "elsewhere" and player.session is session:
+                if status == "elsewhere" and player.session is session \
+                        and manager.binding.get(session.id) is None:
+                    # (A claim of the session under way decides instead.)
                     self.log.info("player {player_id} was claimed on "
                                   "another gate meanwhile",
                                   player_id=player.player_id)
@@ -405,6 +482,8 @@ class Cluster:
         self.log.info("resynchronising with the shared store "
                       "(missed messages: {missed})", missed=missed)
         self.heartbeat().addErrback(self._warn, "heartbeat")
+        if not self.adopted:
+            self._adopt()
         self._release_pending()
         self._expire_pending()
         d = self.refresh(offline=True)
@@ -412,6 +491,26 @@ class Cluster:
         if missed:
             d.addCallback(lambda _: self._replay_missed())
         return d
+
+    def _adopt(self):
+        """
+        Take over the players an earlier process of this gate id left in
+        the store (it died, or stopped with players offline here): they
+        expire from here, with C{expired}, like players that went offline
+        here. Once; again at the next resync if it failed.
+        """
+        d = self.bus.adopt(self.gate_id, self._clock.seconds())
+
+        def adopted(found):
+            self.adopted = True
+            for player_id, epoch, since, session_id in found:
+                self.players.adopt(player_id, epoch, since, session_id)
+            if found:
+                self.log.info("took over {n} players an earlier process of "
+                              "gate {gate_id} left", n=len(found),
+                              gate_id=self.gate_id)
+
+        d.addCallbacks(adopted, self._warn, errbackArgs=("adoption",))
 
     def _replay_missed(self):
         """
@@ -421,18 +520,118 @@ class Cluster:
         for player in list(self.players.players.values()):
             session = player.session
             if session is not None:
-                self._replay(player, session)
+                self.catch_up(player, session)
+        sessions = self.sessions.sessions
+        for session_id in list(self.players.binding):
+            # Being bound: read once the bind is answered (hold_ending).
+            session = sessions.get(session_id)
+            if session is not None:
+                if session.missed is None:
+                    session.missed = Missed()
+                session.missed.again = True
 
-    def _replay(self, player, session):
+    def catch_up(self, player, session):
         """
         Send C{session} the pushes of its player's mailbox after what it
-        has, before anything new.
+        has, before anything new: now, or once the hold under way (a bind,
+        or a read of this kind) ends.
         """
-        if session.closing or session.closed or session.holding:
+        if session.closing or session.closed:
             return
+        if session.holding:
+            if session.missed is None:
+                session.missed = Missed()
+            session.missed.again = True
+            return
+        self._read(player, session, session.missed or Missed(), 0)
+
+    def _read(self, player, session, missed, known):
+        """
+        Hold live pushes to C{session} and read its mailbox after what it
+        has; C{known}: every seq up to it was placed before this read.
+        """
+        session.missed = missed
         session.begin_replay()
-        d = self.players.mailboxes.read_after(player.player_id,
-                                              max(session.delivered_seq,
-                                                  player.claim_seq))
-        d.addCallbacks(lambda found: session.end_replay(*found),
-                       lambda failure: session.end_replay(None, []))
+        missed.again = False
+        missed.target = max(missed.floor, known)
+        self._issue(player, session, missed)
+
+    def _issue(self, player, session, missed):
+        missed.reading = True
+        missed.claim = player.claim_number
+        after = max(session.delivered_seq, player.claim_seq, missed.floor)
+        d = read_paged(self.players.mailboxes, player.player_id, after)
+        d.addCallbacks(self._read_done, self._read_failed,
+                       callbackArgs=(player, session, missed),
+                       errbackArgs=(player, session, missed))
+
+    def _current(self, player, session, missed):
+        """
+        Whether what was read for C{session} is still its to send: the
+        same claim of the same player, and no bind under way.
+        """
+        return (not (session.closed or session.closing)
+                and session.player is player and player.session is session
+                and player.claim_number == missed.claim
+                and session.holds == 1)
+
+    def _read_done(self, found, player, session, missed):
+        missed.reading = False
+        missed.failures = 0
+        if not self._current(player, session, missed):
+            # Claimed again meanwhile: read again once that is done.
+            missed.again = True
+            session.end_replay(None, [])
+            return
+        missed.floor = max(missed.floor, missed.target)
+        session.end_replay(*found)
+
+    def _read_failed(self, failure, player, session, missed):
+        missed.reading = False
+        if session.closed or session.closing:
+            session.end_replay(None, [])
+            return
+        self._warn(failure, "read of missed pushes")
+        delay = min(READ_RETRY_MAX, 0.1 * 2 ** missed.failures)
+        missed.failures += 1
+        self._clock.callLater(delay, self._retry, player, session, missed)
+
+    def _retry(self, player, session, missed):
+        if self._current(player, session, missed):
+            self._issue(player, session, missed)
+            return
+        missed.again = True
+        session.end_replay(None, [])
+
+    def hold_ending(self, session, held):
+        """
+        C{session}'s holds all ended (L{gate.session.Session.
+        _finish_replay}); it is about to write C{held}, the live pushes it
+        held. Pushes it missed are read first if a read is owed, or if
+        C{held} skips seqs (some went by while the gate did not listen).
+
+        @return: whether a read was started (it ends the hold).
+        """
+        missed = session.missed
+        player = session.player
+        if player is None or player.session is not session:
+            session.missed = None
+            return False
+        floor = missed.floor if missed is not None else 0
+        expect = max(session.delivered_seq, player.claim_seq, floor) + 1
+        want = missed is not None and missed.again
+        last = 0
+        for outgoing in held:
+            seq = outgoing.seq
+            if seq is None:
+                continue
+            last = max(last, seq)
+            if seq > expect:
+                want = True
+            elif seq == expect:
+                expect += 1
+        if not want:
+            session.missed = None
+            return False
+        self._read(player, session, missed or Missed(), last - 1)
+        return True

@@ -289,6 +289,17 @@ class IClusterBus(Interface):
             its gate is live.
         """
 
+    def adopt(gate_id, now):
+        """
+        Take over the players an earlier process of C{gate_id} left in the
+        store (it died or stopped): online ones go offline as of C{now};
+        this process expires them all from now on.
+
+        @return: L{Deferred} firing with C{(player_id, epoch, since,
+            session_id or None)} per player taken over (C{session_id}: the
+            session it still had).
+        """
+
     def stop(gate_id):
         """
         Leave the cluster: mark C{gate_id} gone and disconnect, once the

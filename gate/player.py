@@ -23,11 +23,15 @@ C{since} is when it last came online or went offline, C{epoch} names its
 incarnation.
 """
 
-Claim = namedtuple("Claim", "previous epoch last_seq")
+Claim = namedtuple("Claim", "previous epoch last_seq number previous_number",
+                   defaults=(0, 0))
 Claim.__doc__ = """
 What L{gate.interfaces.IPlayerDirectory.claim} answers: the L{Location}
 the player was online at before (or C{None}), its incarnation, and (from a
-shared store) the highest seq assigned when the claim was made.
+shared store) the highest seq assigned when the claim was made, the
+claim's number (the player's claims are counted) and the number of the
+claim that made C{previous}: a kick of that session names it, so that a
+newer claim of the same session is not kicked by it.
 """
 
 
@@ -38,7 +42,8 @@ class Player:
     """
 
     __slots__ = ("player_id", "session", "since", "expiry", "lock",
-                 "ever_bound", "epoch", "claim_seq")
+                 "ever_bound", "epoch", "claim_seq", "claim_number",
+                 "claim_time")
 
     def __init__(self, player_id, now):
         self.player_id = player_id
@@ -51,6 +56,11 @@ class Player:
         #: The highest seq assigned when the session was claimed (shared
         #: stores): pushes above it were all addressed to that session.
         self.claim_seq = 0
+        #: The number of that claim (shared stores; 0 if none), and when
+        #: it was made: resume tokens are issued as of then, so a ban
+        #: Redis records after the claim revokes them.
+        self.claim_number = 0
+        self.claim_time = None
         self.session = None
         self.since = now
         self.expiry = None
@@ -117,6 +127,10 @@ class PlayerManager:
         #: claim until its answer: pushes and kicks for that player reach
         #: the session from then on, even before the answer is read.
         self.binding = {}
+        #: Session id to C{(claim number, msg)} of a C{replaced} kick that
+        #: reached it while its claim was being answered: it applies only
+        #: if that claim is not newer (L{gate.cluster.Cluster}).
+        self.kicks = {}
 
     def get(self, player_id):
         return self.players.get(player_id)
@@ -190,6 +204,7 @@ class PlayerManager:
 
         def claimed(claim):
             self.binding.pop(session.id, None)
+            kick = self.kicks.pop(session.id, None)
             if claim is None:
                 raise GateError(errors.RESUME_REJECTED,
                                 "no such player (expired or never seen), or "
@@ -201,6 +216,8 @@ class PlayerManager:
                 return None
             player.epoch = claim.epoch
             player.claim_seq = claim.last_seq
+            player.claim_number = claim.number
+            player.claim_time = now
             old = player.session
             if old is not None and old is not session:
                 old.player = None
@@ -213,7 +230,17 @@ class PlayerManager:
                 # Online on another gate (or a session here the directory
                 # still names): that gate kicks it, found by session id.
                 self.cluster.kick_session(previous, "replaced",
-                                          "logged in from another connection")
+                                          "logged in from another connection",
+                                          claim.previous_number)
+            if kick is not None and (not kick[0] or claim.number <= kick[0]):
+                # Claimed again elsewhere while this claim was answered:
+                # the player lives on there.
+                if player.session is session:
+                    self.replaced_elsewhere(session, "replaced", kick[1])
+                else:
+                    self._release(player.player_id, session.id)
+                    session.kick("replaced", kick[1])
+                return None
             if player.session is not session:
                 if player.expiry is not None and player.expiry.active():
                     player.expiry.cancel()
@@ -232,6 +259,7 @@ class PlayerManager:
 
         def failed(failure):
             self.binding.pop(session.id, None)
+            self.kicks.pop(session.id, None)
             if self.cluster is not None:
                 # The claim may have been made with its answer lost.
                 self.cluster.release_later(player.player_id, session.id)
@@ -269,6 +297,11 @@ class PlayerManager:
         C{session}'s player was claimed on another gate: kick the session
         without taking the player offline here (no C{offline} event, no
         expiry: the player lives on over there).
+
+        The session's claim is given back all the same: the release only
+        takes effect if the directory still names this session (the kick
+        was for a claim the directory no longer holds), and then the
+        player did go offline here after all.
         """
         player = session.player
         if player is not None and player.session is session:
@@ -282,7 +315,48 @@ class PlayerManager:
                     and self.players.get(player.player_id) is player:
                 del self.players[player.player_id]
             self._report()
+            now = self._clock.seconds()
+            d = self.directory.release(player.player_id, self.gate_id,
+                                       session.id, now)
+            d.addCallback(self._released_after_all, player, session.id, now)
+            if self.cluster is not None:
+                d.addErrback(self.cluster.release_failed, player.player_id,
+                             session.id)
         session.kick(reason, msg)
+
+    def _released_after_all(self, released, player, session_id, now):
+        if not released or player.session is not None:
+            return
+        if self.players.get(player.player_id) is None:
+            self.players[player.player_id] = player
+            self._report()
+        elif self.players[player.player_id] is not player:
+            return
+        player.since = now
+        if player.expiry is None or not player.expiry.active():
+            left = now + self.idle_timeout - self._clock.seconds()
+            player.expiry = self._clock.callLater(max(0.0, left),
+                                                  self._expire, player)
+        self._events.emit("offline", player.player_id, session_id)
+
+    def adopt(self, player_id, epoch, since, session_id=None):
+        """
+        A player an earlier process of this gate id left in the shared
+        store (L{gate.interfaces.IClusterBus.adopt}): offline here since
+        C{since}, expired from here like any other (and the backend told
+        C{offline} for the session it still had).
+        """
+        if player_id in self.players:
+            return
+        player = self.players[player_id] = Player(player_id, since)
+        player.epoch = epoch
+        player.ever_bound = True
+        left = since + self.idle_timeout - self._clock.seconds()
+        player.expiry = self._clock.callLater(max(0.0, left), self._expire,
+                                              player)
+        self._report()
+        if session_id is not None:
+            self._events.emit("offline", player_id, session_id)
 
     def _went_offline(self, player, session, emit):
         player.session = None

@@ -28,6 +28,36 @@ CHEAP_COST = 0.125
 #: rate for long enough closes a session, a burst now and then does not.
 STRIKE_DECAY = 1.0
 
+#: Longest wait before reading the next page of a replay again after the
+#: store failed to answer (the wait doubles from 0.1 s).
+PAGE_RETRY_MAX = 5.0
+
+
+def read_paged(mailboxes, player_id, after):
+    """
+    Read C{player_id}'s mailbox after seq C{after}, a page at a time when
+    the store pages (its C{page_size}; the in-memory store holds every
+    entry anyway and answers all at once).
+
+    @return: L{Deferred} firing with C{(gap, entries, more)}: C{more} is
+        C{None} after the last page, else a callable of the last seq read
+        that reads the next page the same way (see L{Session.end_replay}).
+    """
+    size = getattr(mailboxes, "page_size", None)
+    if not size:
+        return mailboxes.read_after(player_id, after).addCallback(
+            lambda found: (found[0], found[1], None))
+
+    def paged(found):
+        gap, entries = found
+        more = None
+        if len(entries) >= size:
+            def more(last):
+                return read_paged(mailboxes, player_id, last)
+        return gap, entries, more
+
+    return mailboxes.read_after(player_id, after, size).addCallback(paged)
+
 
 class Session:
     """
@@ -59,9 +89,27 @@ class Session:
         # below it is a duplicate (a live push also read by a resume).
         self.delivered_seq = 0
         self._replaying = False
+        # Holds begun (begin_replay) and not yet ended (end_replay); the
+        # replays ended meanwhile, written one after the other; the page
+        # being written, its next (see read_paged) and the last seq read.
+        self._holds = 0
+        self._sources = deque()
         self._replay = None
+        self._more = None
+        self._last_read = 0
+        self._fetching = False
+        self._page_failures = 0
+        self._page_retry = None
         self._held = []
         self._held_bytes = 0
+        #: What a shared store's L{gate.cluster.Cluster} knows of pushes
+        #: this session may have missed (its reads of the mailbox).
+        self.missed = None
+        # Acks: the highest the store recorded, the one in flight, the
+        # highest waiting for it (at most one ack is sent at a time).
+        self._acked = 0
+        self._ack_flight = None
+        self._ack_next = None
         self._heartbeat = None
         self._pinged_for = None
         self._login_timer = None
@@ -132,7 +180,7 @@ class Session:
             pass
         elif kind == "ack":
             if self.player is not None:
-                self.manager.players.ack(self.player, env["seq"])
+                self._ack(env["seq"])
         else:
             if self._moving is not None:
                 # Its lane must empty for the reconnect to go out.
@@ -180,6 +228,44 @@ class Session:
                                    f"over the rate of {manager.rate:g} "
                                    f"requests a second; slow down"))
 
+    def _ack(self, seq):
+        """
+        The client has every push up to C{seq}: record it, unless it moves
+        nothing (at or below what was recorded, or is on its way); at most
+        one ack goes to the store at a time, those sent meanwhile are
+        folded into the highest.
+        """
+        if seq <= max(self._acked, self._ack_flight or 0,
+                      self._ack_next or 0):
+            return
+        if self._ack_flight is not None:
+            self._ack_next = seq
+            return
+        self._send_ack(seq)
+
+    def _send_ack(self, seq):
+        self._ack_flight = seq
+        player = self.player
+        d = self.manager.players.ack(player, seq)
+        d.addCallbacks(self._ack_answered, self._ack_failed,
+                       callbackArgs=(player, seq), errbackArgs=(player,))
+
+    def _ack_answered(self, _, player, seq=None):
+        self._ack_flight = None
+        if player is not self.player:
+            return
+        if seq is not None and seq > self._acked:
+            self._acked = seq
+        waiting, self._ack_next = self._ack_next, None
+        if waiting is not None and waiting > self._acked \
+                and not self.closed:
+            self._send_ack(waiting)
+
+    def _ack_failed(self, failure, player):
+        self.log.debug("ack of session {session_id} failed: {error}",
+                       session_id=self.id, error=failure.getErrorMessage())
+        self._ack_answered(None, player)
+
     def consumed(self):
         """
         The connection read a frame it handled itself (an encrypted
@@ -208,6 +294,11 @@ class Session:
         self._lane.clear()
         self._held = []
         self._replay = None
+        self._sources.clear()
+        self._more = None
+        if self._page_retry is not None and self._page_retry.active():
+            self._page_retry.cancel()
+        self._page_retry = None
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None
@@ -294,29 +385,52 @@ class Session:
         self.delivered_seq = 0
         self._held = []
         self._held_bytes = 0
+        self._acked = 0
+        self._ack_next = None
+
+    @property
+    def holds(self):
+        """
+        How many holds (L{begin_replay}) have not ended yet.
+        """
+        return self._holds
 
     def begin_replay(self):
         """
-        Hold live pushes until L{end_replay} has written the mailbox.
+        Hold live pushes until L{end_replay} has written the mailbox (and
+        every other hold begun meanwhile has ended).
         """
+        self._holds += 1
         self._replaying = True
 
-    def end_replay(self, gap, entries):
+    def end_replay(self, gap, entries, more=None):
         """
         Send a resume's gap notice and mailbox, then what was held, each
         persistent push once and in seq order.
 
         The mailbox is written as fast as the client reads it (see
-        L{writable}), not all at once: a long mailbox costs no more memory
-        than the store already holds.
+        L{writable}), not all at once, and read a page at a time when the
+        store pages it (C{more}, from L{read_paged}): a long mailbox costs
+        no more memory than a page. A replay ended while another is being
+        written follows it.
         """
+        if self._holds > 0:
+            self._holds -= 1
         if self.closed or self.closing:
             self._finish_replay()
             return
+        self._sources.append((gap, entries, more))
+        if self._replay is None:
+            self._next_source()
+
+    def _next_source(self):
+        gap, entries, more = self._sources.popleft()
         if gap is not None:
             self.connection.send(envelope.message(
                 {"t": "gap", "from": gap[0], "to": gap[1]}))
         self._replay = deque(entries)
+        self._more = more
+        self._last_read = entries[-1].seq if entries else 0
         self.writable()
 
     def writable(self):
@@ -337,12 +451,75 @@ class Session:
                 self.delivered_seq = entry.seq
                 connection.send(envelope.Outgoing(
                     envelope.encode(entry.as_dict()), seq=entry.seq))
-        if replay and not (self.closed or self.closing):
+        if self.closed or self.closing:
+            self._finish_replay()
+            return
+        if replay:
+            return
+        if self._more is not None:
+            # The next page once the client has read this one.
+            if not self._fetching and not connection.paused:
+                self._fetch()
+            return
+        if self._sources:
+            self._next_source()
             return
         self._finish_replay()
 
+    def _fetch(self):
+        if self._page_retry is not None and self._page_retry.active():
+            return
+        self._page_retry = None
+        self._fetching = True
+        self._more(self._last_read).addCallbacks(self._page, self._no_page)
+
+    def _page(self, found):
+        self._fetching = False
+        if self.closed or self._replay is None:
+            return
+        self._page_failures = 0
+        gap, entries, self._more = found
+        if gap is not None and not self.closing:
+            self.connection.send(envelope.message(
+                {"t": "gap", "from": gap[0], "to": gap[1]}))
+        self._replay.extend(entries)
+        if entries:
+            self._last_read = entries[-1].seq
+        self.writable()
+
+    def _no_page(self, failure):
+        """
+        The store did not answer for the next page: ask again, after a
+        wait that doubles; live pushes stay held meanwhile (within
+        C{session.max_outbuf}).
+        """
+        self._fetching = False
+        if self.closed or self._replay is None:
+            return
+        self.log.warn("reading the mailbox of session {session_id} failed "
+                      "({error}); trying again", session_id=self.id,
+                      error=failure.getErrorMessage())
+        delay = min(PAGE_RETRY_MAX, 0.1 * 2 ** self._page_failures)
+        self._page_failures += 1
+        self._page_retry = self._clock.callLater(delay, self._retry_page)
+
+    def _retry_page(self):
+        self._page_retry = None
+        self.writable()
+
     def _finish_replay(self):
         self._replay = None
+        self._more = None
+        if not (self.closed or self.closing):
+            if self._holds > 0:
+                # Another hold (a bind under way) ends it.
+                return
+            cluster = self.manager.players.cluster
+            if cluster is not None and cluster.hold_ending(self, self._held):
+                # It reads what the session missed first (then ends).
+                return
+        self._sources.clear()
+        self._holds = 0
         self._replaying = False
         held, self._held = self._held, []
         self._held_bytes = 0
@@ -701,20 +878,28 @@ class SessionManager:
                 self._refuse_banned(player_id)
             self._audit("login" if replay_after is None else "resume",
                         session, player_id)
-            last = mailboxes.last_seq(player_id)
+            if self.players.cluster is not None:
+                # The seq assigned when the claim was made: every push
+                # after it is this session's (and held until now), those
+                # up to it are not (a login's stay in the mailbox).
+                last = succeed(player.claim_seq)
+            else:
+                last = mailboxes.last_seq(player_id)
 
             def answer(last_seq):
+                # Issued as of the claim: a ban Redis records after the
+                # claim revokes it (see BAN in the Redis scripts).
                 session.send(envelope.resp(
                     rid, data, player_id=player_id,
-                    resume_token=self.tokens.resume_token(player_id,
-                                                          player.epoch),
+                    resume_token=self.tokens.resume_token(
+                        player_id, player.epoch, issued=player.claim_time),
                     last_seq=last_seq))
 
             last.addCallback(answer)
             if replay_after is None:
-                return last.addCallback(lambda _: (None, []))
+                return last.addCallback(lambda _: (None, [], None))
             return last.addCallback(
-                lambda _: mailboxes.read_after(player_id, replay_after))
+                lambda _: read_paged(mailboxes, player_id, replay_after))
 
         def replay(found):
             session.end_replay(*found)

@@ -73,14 +73,18 @@ class Tokens:
             raise TokenError("a resume token is not an auth token")
         return self._player(claims)
 
-    def resume_token(self, player_id, epoch=None):
+    def resume_token(self, player_id, epoch=None, issued=None):
         """
         A token that lets C{player_id} resume within C{auth.resume_ttl}.
 
         @param epoch: the player's incarnation (L{gate.player.Player.epoch}),
             checked on resume.
+        @param issued: its C{iat} if not now: when the bind's claim was
+            made, so that a ban recorded after the claim revokes it.
         """
         now = self._now()
+        if issued is not None and issued < now:
+            now = issued
         # iat to the clock's precision: a ban revokes the tokens issued up
         # to its own time, not up to the end of that second.
         claims = {"sub": player_id, "aud": RESUME_AUDIENCE,

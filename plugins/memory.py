@@ -166,5 +166,8 @@ class MemoryClusterBus:
     def info(self, player_id):
         return succeed(None)
 
+    def adopt(self, gate_id, now):
+        return succeed([])
+
     def stop(self, gate_id):
         return succeed(None)

@@ -23,8 +23,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
 from twisted.internet import protocol
-from twisted.internet.defer import (Deferred, FirstError, fail,
-                                    gatherResults, succeed)
+from twisted.internet.defer import (Deferred, FirstError, ensureDeferred,
+                                    fail, gatherResults, succeed)
 from twisted.internet.endpoints import (HostnameEndpoint, UNIXClientEndpoint,
                                         wrapClientTLS)
 from twisted.internet.ssl import optionsForClientTLS
@@ -48,6 +48,10 @@ CHUNK = 1000
 
 #: Seqs and acks beyond this are clamped (Lua numbers are doubles).
 MAX_SEQ = 10 ** 13
+
+#: Entries per read of a long mailbox: a replay reads the next page as the
+#: client drains the last (L{gate.session.Session.end_replay}).
+PAGE = 200
 
 _STATUS = {-1: "unknown", 0: "offline", 1: "delivered"}
 _REFRESH = {0: "missing", 1: "ok", 2: "elsewhere", 3: "recreated",
@@ -288,6 +292,8 @@ class RedisStore:
 
     shared = True
     log = Logger()
+    #: Mailbox reads page by this many entries (L{read_after}'s C{count}).
+    page_size = PAGE
 
     def __init__(self, clock, url, prefix, max_entries, max_age, retry_max,
                  timeout, gate_ttl, time=None):
@@ -315,6 +321,10 @@ class RedisStore:
         #: (C{docs/persistence.md}).
         self.durable = None
         self._gate_id = None
+        #: This process: in its heartbeat and in the entries it claims, so
+        #: that the sessions of an earlier process of the same gate id
+        #: count as gone (offline, their pushes queued), not as live.
+        self.boot = secrets.token_hex(8)
         self._receiver = None
         self._waiters = []
         self._missed = False
@@ -458,6 +468,9 @@ class RedisStore:
     def _keys(self, player_id):
         return [self._dir(player_id), self._box(player_id)]
 
+    def _gate_set(self, gate_id):
+        return self.prefix + b"s:" + _b(gate_id)
+
     def _limit(self):
         return self.time.seconds() - self.max_age
 
@@ -475,11 +488,13 @@ class RedisStore:
         up there and, if found, put back with its incarnation, seqs and
         retained pushes before it is claimed.
         """
-        keys = self._keys(player_id) + [self._ban_key(player_id)]
+        keys = self._keys(player_id) + [self._ban_key(player_id),
+                                        self._gate_set(gate_id)]
         args = [gate_id, session_id, float(now), secrets.token_hex(8),
                 epoch or "", self.key_ttl_ms,
                 float(issued) if isinstance(issued, (int, float))
-                and not isinstance(issued, bool) else ""]
+                and not isinstance(issued, bool) else "", self.boot,
+                self.prefix]
         durable = self.durable
         d = self._eval("claim", keys, args + ["ask" if durable else ""])
 
@@ -501,10 +516,13 @@ class RedisStore:
                 return None
             current = _s(reply[1])
             previous = None
-            if len(reply) > 3:
-                previous = Location(player_id, _s(reply[3]), _s(reply[4]),
-                                    float(reply[5]), current)
-            return Claim(previous, current, int(reply[2]))
+            previous_number = 0
+            if len(reply) > 4:
+                previous = Location(player_id, _s(reply[4]), _s(reply[5]),
+                                    float(reply[6]), current)
+                previous_number = int(reply[7])
+            return Claim(previous, current, int(reply[2]), int(reply[3]),
+                         previous_number)
 
         return d.addCallback(claimed)
 
@@ -513,7 +531,8 @@ class RedisStore:
         Ban C{player_id} until C{until} and revoke the resume tokens issued
         to it up to C{now}, for every gate (checked by their claims).
         """
-        return self._eval("ban", [self._ban_key(player_id)],
+        return self._eval("ban", [self._ban_key(player_id),
+                                  self._dir(player_id)],
                           [float(until), float(now), float(token_ttl)])
 
     def release(self, player_id, gate_id, session_id, now):
@@ -540,8 +559,9 @@ class RedisStore:
             lambda _: None)
 
     def expire(self, player_id, gate_id, epoch):
-        return self._eval("expire", self._keys(player_id),
-                          [gate_id, epoch or ""]).addCallback(
+        return self._eval("expire", self._keys(player_id)
+                          + [self._gate_set(gate_id)],
+                          [gate_id, epoch or "", player_id]).addCallback(
             lambda status: status == 1)
 
     # IMailboxStore.
@@ -556,9 +576,14 @@ class RedisStore:
         return d.addCallback(lambda seqs: [Entry(int(seq), ts, route, data)
                                            for seq in seqs])
 
-    def read_after(self, player_id, last_seq):
+    def read_after(self, player_id, last_seq, count=None):
+        """
+        L{IMailboxStore.read_after}; with C{count}, at most that many
+        entries (a page: see L{gate.session.read_paged}).
+        """
         d = self._eval("read", self._keys(player_id),
-                       [min(last_seq, MAX_SEQ), self._limit()])
+                       [min(last_seq, MAX_SEQ), self._limit(),
+                        count if count else ""])
 
         def read(reply):
             assigned, acked, raw = int(reply[0]), int(reply[1]), reply[2]
@@ -683,8 +708,8 @@ class RedisStore:
                 snapshot = snapshots[player_id]
                 restores.append(self._eval(
                     "restore", self._keys(player_id),
-                    ["", "", now, snapshot[0], 0, self.key_ttl_ms]
-                    + _seed_args(snapshot, self.max_entries)))
+                    ["", "", now, snapshot[0], 0, self.key_ttl_ms, self.boot,
+                     self.prefix] + _seed_args(snapshot, self.max_entries)))
             # On the same connection, so after the restores.
             again = self._place_all([player_ids[i] for i in known], head,
                                     ts, True, True)
@@ -742,7 +767,8 @@ class RedisStore:
             sessions were stored without being sent to it).
         """
         d = self._eval("heartbeat", [], [self.prefix, gate_id, online,
-                                         int(self.gate_ttl * 1000)])
+                                         int(self.gate_ttl * 1000),
+                                         self.boot])
         d.addCallback(lambda was: was == 1)
         sub = self._sub.proto if self._sub is not None else None
         if sub is not None:
@@ -764,7 +790,7 @@ class RedisStore:
         durable = self.durable
         now = float(self.time.seconds())
         args = [gate_id, self.key_ttl_ms, now,
-                "1" if durable is not None else "0"]
+                "1" if durable is not None else "0", self.boot, self.prefix]
         for player_id, session_id, epoch, seq in players:
             keys += self._keys(player_id)
             args += [session_id or "", epoch or "", min(seq, MAX_SEQ)]
@@ -797,7 +823,8 @@ class RedisStore:
                 restores.append(self._eval(
                     "restore", self._keys(player_id),
                     [gate_id, session_id or "", now, epoch or "",
-                     min(seq, MAX_SEQ), self.key_ttl_ms]
+                     min(seq, MAX_SEQ), self.key_ttl_ms, self.boot,
+                     self.prefix]
                     + _seed_args(snapshots.get(player_id),
                                  self.max_entries)))
             d = gatherResults(restores, consumeErrors=True)
@@ -818,6 +845,35 @@ class RedisStore:
 
         d = durable.snapshot([players[i][0] for i in absent])
         return d.addCallbacks(found, without)
+
+    def adopt(self, gate_id, now):
+        """
+        Take over the entries an earlier process of this gate id left (it
+        died, or stopped with players offline on it): online ones are
+        released, and all are this process's to expire from now on.
+
+        @return: L{Deferred} firing with C{(player_id, epoch, since,
+            session_id or None)} per entry taken over.
+        """
+        return ensureDeferred(self._adopt(gate_id, now))
+
+    async def _adopt(self, gate_id, now):
+        key = self._gate_set(gate_id)
+        cursor = b"0"
+        found = []
+        while True:
+            cursor, members = await self._call(b"SSCAN", key, cursor,
+                                               b"COUNT", CHUNK)
+            if members:
+                reply = await self._eval(
+                    "adopt", [self._dir(_s(m)) for m in members],
+                    [gate_id, self.boot, float(now), self.key_ttl_ms,
+                     self.prefix])
+                for player, epoch, since, session in reply:
+                    found.append((_s(player), _s(epoch), float(since),
+                                  _s(session) or None))
+            if int(cursor) == 0:
+                return found
 
     def info(self, player_id):
         d = self._eval("info", self._keys(player_id),
@@ -840,7 +896,7 @@ class RedisStore:
         answered, releases included), then disconnect.
         """
         if gate_id is not None and self.reachable:
-            d = self._eval("leave", [], [self.prefix, gate_id])
+            d = self._eval("leave", [], [self.prefix, gate_id, self.boot])
             d.addErrback(lambda f: self.log.warn(
                 "leaving the cluster: {error}", error=f.getErrorMessage()))
         else:

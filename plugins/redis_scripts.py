@@ -7,11 +7,15 @@ gates, an expiry that checks the player is still offline here. Layout (P is
 C{store.redis_prefix}):
 
   - C{P p:<player>}: hash C{g} gate, C{s} session (C{""} offline), C{t}
-    since, C{e} epoch (incarnation), C{q} last seq assigned, C{a} acked;
+    since, C{e} epoch (incarnation), C{q} last seq assigned, C{a} acked,
+    C{c} claims made, C{b} the boot id of the gate process that claimed
+    it;
   - C{P m:<player>}: stream of retained pushes, entry id C{<seq>-0},
     fields C{t} (ts) and C{h} (the push envelope without its closing brace);
-  - C{P g:<gate>}: the gate's heartbeat (its online player count), with a
-    TTL of C{store.gate_ttl}; C{P gates}: set of gate ids seen;
+  - C{P g:<gate>}: the gate's heartbeat C{"<online count>:<boot id>"},
+    with a TTL of C{store.gate_ttl}; C{P gates}: set of gate ids seen;
+  - C{P s:<gate>}: set of the players whose entry names the gate (some
+    may have left since; pruned when the gate reads it, at start);
   - C{P b:<player>}: a ban, hash C{u} its end, C{r} the time up to which
     resume tokens are revoked (checked by CLAIM);
   - channels C{P c:<gate>} (one gate) and C{P all} (every gate).
@@ -42,6 +46,15 @@ local function trim_age(mk, limit)
 end
 """
 
+#: Shared by scripts that check a gate is alive: the process id (boot) in
+#: its heartbeat C{"<online>:<boot>"}, or nil when there is none.
+_BOOT = """
+local function boot_of(heartbeat)
+  if not heartbeat then return nil end
+  return string.match(heartbeat, ':(.*)$')
+end
+"""
+
 #: Shared by scripts that make a player's entry: a fresh directory hash
 #: (gate, session, since, epoch, seq, acked) and, from C{first} on in ARGV,
 #: retained pushes as (seq, ts, head) triples in seq order (a durable copy
@@ -63,15 +76,19 @@ local function create(dk, mk, g, s, t, e, q, a, ttl, maxlen, first)
 end
 """
 
-#: KEYS dir, mailbox, ban; ARGV gate, session, now, new epoch, expected
-#: epoch ("" for none: a login or auth), ttl ms, the resume token's iat
-#: ("" for none), mode: "" makes a missing player anew, "ask" reports it
-#: missing, "seed" makes it from what follows (the durable copy): epoch
-#: ("" when there is none), seq, acked, mailbox_max, then (seq, ts, head)
-#: per retained push.
+#: KEYS dir, mailbox, ban, the claiming gate's players (C{P s:<gate>});
+#: ARGV gate, session, now, new epoch, expected epoch ("" for none: a
+#: login or auth), ttl ms, the resume token's iat ("" for none), boot (the
+#: claiming gate process), prefix, mode: "" makes a missing player anew,
+#: "ask" reports it missing, "seed" makes it from what follows (the
+#: durable copy): epoch ("" when there is none), seq, acked, mailbox_max,
+#: then (seq, ts, head) per retained push.
 #: Returns {-1} (banned), {-2} (token revoked by a ban), {0} (epoch
-#: mismatch), {2} (missing, mode "ask") or {1, epoch, seq [, previous
-#: gate, previous session, previous since]}.
+#: mismatch), {2} (missing, mode "ask") or {1, epoch, seq, claim [,
+#: previous gate, previous session, previous since, previous claim]}:
+#: C{claim} counts the player's claims (field C{c}), so a gate told to
+#: kick the session of an older claim can tell it from a newer claim of
+#: the same session.
 CLAIM = _CREATE + """
 local b = redis.call('HMGET', KEYS[3], 'u', 'r')
 if b[1] then
@@ -81,20 +98,30 @@ if b[1] then
     if not iat or iat <= tonumber(b[2]) then return {-2} end
   end
 end
-local d = redis.call('HMGET', KEYS[1], 'g', 's', 't', 'e', 'q')
+local d = redis.call('HMGET', KEYS[1], 'g', 's', 't', 'e', 'q', 'c')
+local player = string.sub(KEYS[1], #ARGV[9] + 3)
+local function claimed()
+  local c = tonumber(d[6] or '0') + 1
+  redis.call('HSET', KEYS[1], 'c', c, 'b', ARGV[8])
+  redis.call('SADD', KEYS[4], player)
+  if d[1] and d[1] ~= '' and d[1] ~= ARGV[1] then
+    redis.call('SREM', ARGV[9] .. 's:' .. d[1], player)
+  end
+  return c
+end
 if not d[4] then
-  local mode = ARGV[8]
+  local mode = ARGV[10]
   if mode == 'ask' then return {2} end
-  if mode == 'seed' and ARGV[9] ~= '' and
-      (ARGV[5] == '' or ARGV[5] == ARGV[9]) then
-    create(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[9], ARGV[10],
-           ARGV[11], ARGV[6], ARGV[12], 13)
-    return {1, ARGV[9], tonumber(ARGV[10])}
+  if mode == 'seed' and ARGV[11] ~= '' and
+      (ARGV[5] == '' or ARGV[5] == ARGV[11]) then
+    create(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[11], ARGV[12],
+           ARGV[13], ARGV[6], ARGV[14], 15)
+    return {1, ARGV[11], tonumber(ARGV[12]), claimed()}
   end
   if ARGV[5] ~= '' then return {0} end
   create(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 0, 0,
          ARGV[6], 0, nil)
-  return {1, ARGV[4], 0}
+  return {1, ARGV[4], 0, claimed()}
 end
 if ARGV[5] ~= '' and ARGV[5] ~= d[4] then return {0} end
 redis.call('HSET', KEYS[1], 'g', ARGV[1], 's', ARGV[2], 't', ARGV[3])
@@ -103,13 +130,17 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
 local q = tonumber(d[5] or '0')
-if d[2] ~= '' then return {1, d[4], q, d[1], d[2], d[3]} end
-return {1, d[4], q}
+local c = claimed()
+if d[2] ~= '' then
+  return {1, d[4], q, c, d[1], d[2], d[3], tonumber(d[6] or '0')}
+end
+return {1, d[4], q, c}
 """
 
 #: KEYS dir, mailbox; ARGV gate ("" for none), session ("" offline), now,
-#: epoch, seq (what the gate's session has), ttl ms, then the durable copy:
-#: epoch ("" none), seq, acked, mailbox_max, (seq, ts, head) per push.
+#: epoch, seq (what the gate's session has), ttl ms, boot (the gate
+#: process), prefix, then the durable copy: epoch ("" none), seq, acked,
+#: mailbox_max, (seq, ts, head) per push.
 #: Puts back a player Redis lost, unless it is there again: an online one
 #: with its epoch, numbered on from the higher seq (with the copy's
 #: pushes when it is of the same incarnation); an offline one only from a
@@ -118,12 +149,20 @@ return {1, d[4], q}
 #: (online one put back), 5 (online one taken over), 6 (offline one put
 #: back or taken over) or 0 (no copy: gone).
 RESTORE = _CREATE + """
+local function mine()
+  if ARGV[1] ~= '' then
+    redis.call('HSET', KEYS[1], 'b', ARGV[7])
+    redis.call('SADD', ARGV[8] .. 's:' .. ARGV[1],
+               string.sub(KEYS[1], #ARGV[8] + 3))
+  end
+end
 local d = redis.call('HMGET', KEYS[1], 'g', 's', 'e')
 if d[3] then
   if ARGV[1] == '' or d[1] ~= '' or d[2] ~= '' or d[3] ~= ARGV[4] then
     return 1
   end
   redis.call('HSET', KEYS[1], 'g', ARGV[1], 's', ARGV[2])
+  mine()
   if ARGV[2] == '' then return 6 end
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -131,33 +170,40 @@ if d[3] then
   end
   return 5
 end
-local same = ARGV[7] ~= '' and ARGV[7] == ARGV[4]
+local same = ARGV[9] ~= '' and ARGV[9] == ARGV[4]
 if ARGV[2] ~= '' then
   local q, a, first = tonumber(ARGV[5]), 0, nil
   if same then
-    q = math.max(q, tonumber(ARGV[8]))
-    a = ARGV[9]
-    first = 11
+    q = math.max(q, tonumber(ARGV[10]))
+    a = ARGV[11]
+    first = 13
   end
   create(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], q, a,
-         ARGV[6], ARGV[10], first)
+         ARGV[6], ARGV[12], first)
+  mine()
   return 3
 end
 if not same then return 0 end
-create(KEYS[1], KEYS[2], ARGV[1], '', ARGV[3], ARGV[4], ARGV[8], ARGV[9],
-       ARGV[6], ARGV[10], 11)
+create(KEYS[1], KEYS[2], ARGV[1], '', ARGV[3], ARGV[4], ARGV[10], ARGV[11],
+       ARGV[6], ARGV[12], 13)
+mine()
 return 6
 """
 
-#: KEYS ban; ARGV until, now, token ttl (seconds). Records a ban until
+#: KEYS ban, dir; ARGV until, now, token ttl (seconds). Records a ban until
 #: C{until} (replacing the end of an earlier one) and revokes the tokens
-#: issued up to now; the key lives until both the ban and the tokens it
+#: issued up to now, and up to the player's last claim or release (its
+#: C{t}): a token is issued at its claim's time, so one made by a claim
+#: Redis ran before this ban is revoked even if that claim was sent after
+#: the ban was; the key lives until both the ban and the tokens it
 #: revoked are over.
 BAN = """
 local now = tonumber(ARGV[2])
 local r = ARGV[2]
 local old = redis.call('HGET', KEYS[1], 'r')
 if old and tonumber(old) > now then r = old end
+local t = redis.call('HGET', KEYS[2], 't')
+if t and tonumber(t) > tonumber(r) then r = t end
 redis.call('HSET', KEYS[1], 'u', ARGV[1], 'r', r)
 local ttl = math.ceil((math.max(tonumber(ARGV[1]), now + tonumber(ARGV[3]))
                        - now) * 1000)
@@ -180,13 +226,18 @@ end
 return 1
 """
 
-#: KEYS dir, mailbox; ARGV gate, epoch. 1 removed, 0 not (online, on
-#: another gate, another incarnation), 2 already gone.
+#: KEYS dir, mailbox, the gate's players; ARGV gate, epoch, player. 1
+#: removed, 0 not (online, on another gate, another incarnation), 2
+#: already gone.
 EXPIRE = """
 local d = redis.call('HMGET', KEYS[1], 'g', 's', 'e')
-if not d[3] then return 2 end
+if not d[3] then
+  redis.call('SREM', KEYS[3], ARGV[3])
+  return 2
+end
 if d[1] ~= ARGV[1] or d[2] ~= '' or d[3] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[3])
 return 1
 """
 
@@ -196,19 +247,23 @@ return 1
 #: the push for each known player, then publishes one message per live
 #: gate listing its recipients, so a gate gets its players' pushes in seq
 #: order. Returns {status, seq [, epoch]} per player: -1 unknown, 0 not
-#: handed to a gate, 1 handed to a live gate that listens.
-PLACE = """
+#: handed to a gate, 1 handed to a live gate that listens. A session
+#: counts as on a live gate only while the gate's heartbeat names the
+#: process that claimed it (C{b}): the sessions of a gate that restarted
+#: under the same id are gone.
+PLACE = _BOOT + """
 local persist = ARGV[1] ~= '0'
 local w = 2
 if ARGV[1] == '2' then w = 3 end
 local head, ts, maxlen, prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {}
 local sessions = {}
+local boots = {}
 local by_gate = {}
 local order = {}
 for i = 1, #KEYS / 2 do
   local dk = KEYS[2 * i - 1]
-  local d = redis.call('HMGET', dk, 'g', 's', 'e')
+  local d = redis.call('HMGET', dk, 'g', 's', 'e', 'b')
   local o = w * (i - 1)
   if not d[3] then
     out[o + 1] = -1
@@ -231,6 +286,7 @@ for i = 1, #KEYS / 2 do
     if w == 3 then out[o + 3] = d[3] end
     if d[2] ~= '' then
       sessions[i] = d[2]
+      boots[i] = d[4]
       local list = by_gate[d[1]]
       if not list then
         list = {}
@@ -242,14 +298,19 @@ for i = 1, #KEYS / 2 do
   end
 end
 for _, g in ipairs(order) do
-  if redis.call('EXISTS', prefix .. 'g:' .. g) == 1 then
-    local to = {}
-    for _, i in ipairs(by_gate[g]) do
+  local boot = boot_of(redis.call('GET', prefix .. 'g:' .. g))
+  local to = {}
+  local live = {}
+  for _, i in ipairs(by_gate[g]) do
+    if boot and boots[i] == boot then
       to[#to + 1] = {ARGV[5 + i], sessions[i], out[w * (i - 1) + 2]}
+      live[#live + 1] = i
     end
+  end
+  if #to > 0 then
     local msg = '{"op":"push","to":' .. cjson.encode(to) .. '}\\n' .. head
     if redis.call('PUBLISH', prefix .. 'c:' .. g, msg) > 0 then
-      for _, i in ipairs(by_gate[g]) do out[w * (i - 1) + 1] = 1 end
+      for _, i in ipairs(live) do out[w * (i - 1) + 1] = 1 end
     end
   end
 end
@@ -266,8 +327,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], string.format('%d-0', seq),
 return seq
 """
 
-#: KEYS dir, mailbox; ARGV last_seq, age limit. Returns {last seq, acked,
-#: entries after last_seq}.
+#: KEYS dir, mailbox; ARGV last_seq, age limit, at most this many entries
+#: ("" for all). Returns {last seq, acked, entries after last_seq}.
 READ = _TRIM_AGE + """
 local d = redis.call('HMGET', KEYS[1], 'q', 'a')
 if not d[1] then return {0, 0, {}} end
@@ -276,7 +337,12 @@ local q = tonumber(d[1])
 local after = tonumber(ARGV[1])
 local entries = {}
 if after < q then
-  entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', after + 1), '+')
+  local first = string.format('%d-0', after + 1)
+  if ARGV[3] and ARGV[3] ~= '' then
+    entries = redis.call('XRANGE', KEYS[2], first, '+', 'COUNT', ARGV[3])
+  else
+    entries = redis.call('XRANGE', KEYS[2], first, '+')
+  end
 end
 return {q, tonumber(d[2] or '0'), entries}
 """
@@ -308,13 +374,15 @@ return 1
 """
 
 #: KEYS dir, mailbox; ARGV age limit, prefix. nil for an unknown player,
-#: else {gate, session, since, epoch, last seq, mailbox size, gate alive}.
-INFO = _TRIM_AGE + """
-local d = redis.call('HMGET', KEYS[1], 'g', 's', 't', 'e', 'q')
+#: else {gate, session, since, epoch, last seq, mailbox size, gate alive}
+#: (alive: the gate's heartbeat names the process that claimed it).
+INFO = _TRIM_AGE + _BOOT + """
+local d = redis.call('HMGET', KEYS[1], 'g', 's', 't', 'e', 'q', 'b')
 if not d[4] then return false end
 trim_age(KEYS[2], ARGV[1])
 local alive = 0
-if redis.call('EXISTS', ARGV[2] .. 'g:' .. d[1]) == 1 then alive = 1 end
+local boot = boot_of(redis.call('GET', ARGV[2] .. 'g:' .. d[1]))
+if boot and boot == d[6] then alive = 1 end
 return {d[1], d[2], d[3], d[4], tonumber(d[5] or '0'),
         redis.call('XLEN', KEYS[2]), alive}
 """
@@ -322,10 +390,11 @@ return {d[1], d[2], d[3], d[4], tonumber(d[5] or '0'),
 #: KEYS dir; ARGV prefix, op, payload, player id. Hands the op to the gate
 #: where the player is online, if that gate is alive. Returns the number of
 #: gates that got it (0 or 1).
-SEND = """
-local d = redis.call('HMGET', KEYS[1], 'g', 's')
+SEND = _BOOT + """
+local d = redis.call('HMGET', KEYS[1], 'g', 's', 'b')
 if not d[1] or d[2] == '' then return 0 end
-if redis.call('EXISTS', ARGV[1] .. 'g:' .. d[1]) == 0 then return 0 end
+local boot = boot_of(redis.call('GET', ARGV[1] .. 'g:' .. d[1]))
+if not boot or boot ~= d[3] then return 0 end
 local header = cjson.encode({op = ARGV[2], p = ARGV[4], s = d[2]})
 return redis.call('PUBLISH', ARGV[1] .. 'c:' .. d[1], header .. '\\n' .. ARGV[3])
 """
@@ -341,24 +410,28 @@ for _, g in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'gates')) do
     redis.call('SREM', ARGV[1] .. 'gates', g)
   elseif g ~= ARGV[3] then
     out[#out + 1] = g
-    out[#out + 1] = v
+    out[#out + 1] = tonumber(string.match(v, '^(%d+)')) or 0
   end
 end
 return out
 """
 
-#: ARGV prefix, gate, online count, ttl ms. Returns 0 when the heartbeat
-#: had lapsed (or was deleted): pushes meanwhile were stored, not sent.
-HEARTBEAT = """
-local was = redis.call('EXISTS', ARGV[1] .. 'g:' .. ARGV[2])
-redis.call('SET', ARGV[1] .. 'g:' .. ARGV[2], ARGV[3], 'PX', ARGV[4])
+#: ARGV prefix, gate, online count, ttl ms, boot (this process). The
+#: heartbeat is C{"<online>:<boot>"}. Returns 0 when it had lapsed (or was
+#: deleted, or was another process's): pushes meanwhile were stored, not
+#: sent.
+HEARTBEAT = _BOOT + """
+local key = ARGV[1] .. 'g:' .. ARGV[2]
+local was = 0
+if boot_of(redis.call('GET', key)) == ARGV[5] then was = 1 end
+redis.call('SET', key, ARGV[3] .. ':' .. ARGV[5], 'PX', ARGV[4])
 redis.call('SADD', ARGV[1] .. 'gates', ARGV[2])
 return was
 """
 
 #: KEYS dir1, mailbox1, ...; ARGV gate, ttl ms, now, durable ("1" when
-#: a durable copy may put back what is missing), then per player: session
-#: ("" offline), epoch, seq. Per player: 1 ok (TTL refreshed for an online
+#: a durable copy may put back what is missing), boot (this process),
+#: prefix, then per player: session ("" offline), epoch, seq. Per player: 1 ok (TTL refreshed for an online
 #: one), 0 missing (offline player gone), 3 recreated (online player put
 #: back with its epoch, numbered on from seq), 2 elsewhere (another gate,
 #: session or incarnation), 4 absent (missing, and durable: see RESTORE),
@@ -367,9 +440,14 @@ return was
 REFRESH = """
 local out = {}
 local durable = ARGV[4] == '1'
+local function mine(dk)
+  redis.call('HSET', dk, 'b', ARGV[5])
+  redis.call('SADD', ARGV[6] .. 's:' .. ARGV[1],
+             string.sub(dk, #ARGV[6] + 3))
+end
 for i = 1, #KEYS / 2 do
   local dk, mk = KEYS[2 * i - 1], KEYS[2 * i]
-  local sid, ep, seq = ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
+  local sid, ep, seq = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
   local d = redis.call('HMGET', dk, 'g', 's', 'e')
   local status = 2
   if not d[3] then
@@ -380,12 +458,14 @@ for i = 1, #KEYS / 2 do
       redis.call('HSET', dk, 'g', ARGV[1], 's', sid, 't', ARGV[3], 'e', ep,
                  'q', seq, 'a', 0)
       redis.call('PEXPIRE', dk, ARGV[2])
+      mine(dk)
       status = 3
     else
       status = 0
     end
   elseif d[1] == '' and d[2] == '' and d[3] == ep then
     redis.call('HSET', dk, 'g', ARGV[1], 's', sid)
+    mine(dk)
     status = 1
     if sid ~= '' then
       status = 5
@@ -396,7 +476,7 @@ for i = 1, #KEYS / 2 do
     if d[2] == sid then
       status = 1
     elseif d[2] == '' and sid ~= '' then
-      redis.call('HSET', dk, 's', sid)
+      redis.call('HSET', dk, 's', sid, 'b', ARGV[5])
       status = 1
     end
     if status == 1 and sid ~= '' then
@@ -409,11 +489,48 @@ end
 return out
 """
 
-#: ARGV prefix, gate. Removes the gate's heartbeat.
-LEAVE = """
-redis.call('DEL', ARGV[1] .. 'g:' .. ARGV[2])
+#: ARGV prefix, gate, boot. Removes the gate's heartbeat, if this
+#: process's.
+LEAVE = _BOOT + """
+local key = ARGV[1] .. 'g:' .. ARGV[2]
+if boot_of(redis.call('GET', key)) ~= ARGV[3] then return 0 end
+redis.call('DEL', key)
 redis.call('SREM', ARGV[1] .. 'gates', ARGV[2])
 return 1
+"""
+
+#: KEYS dir1, dir2, ... (members of C{P s:<gate>}); ARGV gate, boot, now,
+#: ttl ms, prefix. Takes over the entries that name this gate but an
+#: earlier process of it (which died or stopped without letting go of
+#: them): an online one is released (offline since now), and each is
+#: marked this process's, so that this process expires it. Members whose
+#: entry is gone or names another gate leave the set. Returns {player,
+#: epoch, since, the session it had ("" if offline)} per entry taken over.
+ADOPT = """
+local set = ARGV[5] .. 's:' .. ARGV[1]
+local out = {}
+for i = 1, #KEYS do
+  local dk = KEYS[i]
+  local player = string.sub(dk, #ARGV[5] + 3)
+  local d = redis.call('HMGET', dk, 'g', 's', 't', 'e', 'b')
+  if not d[4] or d[1] ~= ARGV[1] then
+    redis.call('SREM', set, player)
+  elseif d[5] ~= ARGV[2] then
+    local since = d[3]
+    if d[2] ~= '' then
+      since = ARGV[3]
+      redis.call('HSET', dk, 's', '', 't', since)
+      redis.call('PEXPIRE', dk, ARGV[4])
+      local mk = ARGV[5] .. 'm:' .. player
+      if redis.call('EXISTS', mk) == 1 then
+        redis.call('PEXPIRE', mk, ARGV[4])
+      end
+    end
+    redis.call('HSET', dk, 'b', ARGV[2])
+    out[#out + 1] = {player, d[4], since, d[2]}
+  end
+end
+return out
 """
 
 ALL = {
@@ -421,5 +538,5 @@ ALL = {
     "append": APPEND, "read": READ, "ack": ACK, "size": SIZE, "drop": DROP,
     "info": INFO, "send": SEND, "broadcast": BROADCAST,
     "heartbeat": HEARTBEAT, "refresh": REFRESH, "leave": LEAVE,
-    "restore": RESTORE, "ban": BAN,
+    "restore": RESTORE, "ban": BAN, "adopt": ADOPT,
 }

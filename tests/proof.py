@@ -29,7 +29,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.web.client import HTTPConnectionPool
 
-from gate.client import GateClient
+from gate.client import GateClient, GateError
 from tests.e2e import API_KEY, HTTP, within
 
 #: Bound on connecting and binding one client, and on one push API call,
@@ -281,6 +281,57 @@ class Pusher:
                     self.acked.update(players)
                     self.answers["delivered"] += answer["delivered"]
                     self.answers["queued"] += answer["queued"]
+            await deferLater(reactor, self.interval, lambda: None)
+
+
+class Requester:
+    """
+    Requests (C{echo}) from C{clients}, each sending the next one
+    C{interval} seconds after the last was answered, until L{stop}: a
+    client moving between gates must answer every request, with the
+    reply, C{busy} (sent on the old connection once the gate said
+    C{reconnect}), C{connection_lost} (the old connection closed under
+    it) or C{not_connected} (between connections); never leave it
+    hanging.
+
+    @ivar outcomes: C{ok} or the error code -> requests.
+    """
+
+    #: What a request may end with while its client moves.
+    EXPECTED = frozenset({"ok", "busy", "connection_lost", "not_connected"})
+
+    def __init__(self, clients, interval=0.25):
+        self.clients = clients
+        self.interval = interval
+        self.outcomes = Counter()
+        self.wrong = []
+        self.running = False
+        self._loops = []
+
+    def start(self):
+        self.running = True
+        self._loops = [ensureDeferred(self._loop(c)) for c in self.clients]
+
+    def stop(self):
+        self.running = False
+        loops, self._loops = self._loops, []
+        return within(gatherResults(loops), SLOW + 5,
+                      "the request loops to finish")
+
+    async def _loop(self, client):
+        n = 0
+        while self.running:
+            n += 1
+            data = f"{client.name}-{n}"
+            try:
+                answer = await within(client.request("echo", data), SLOW,
+                                      f"{client.name}'s request {n}")
+            except GateError as e:
+                self.outcomes[e.code] += 1
+            else:
+                self.outcomes["ok"] += 1
+                if answer != data:
+                    self.wrong.append((client.name, data, answer))
             await deferLater(reactor, self.interval, lambda: None)
 
 

@@ -14,15 +14,25 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from backend.reference import ReferenceBackend
+from gate.client.address import parse_address
 from tests.e2e import (API_KEY, AUTH_SECRET, HTTP, LOOPBACK, Addresses,
                        connect_tcp, events_of, until)
+from tests.proof import (SLOW, Describe, ProofClient, Pusher, address_of,
+                         check_runs, connect_all, last_seqs, spread, stuck)
 from tests.services import TCPProxy, redis_prefix, require_redis, REDIS_URL
 from tests.test_cluster import cluster_gate, reachable
 from tests.test_e2e_shutdown import (CHECKOUT, EXIT_TIMEOUT, START_TIMEOUT,
                                      TrackingSite, TwistdProcess, free_ports)
+
+#: Players on the gate the SIGKILL proof kills.
+KILLED_PLAYERS = 200
+#: Many connections from 127.0.0.1 at once.
+OPEN_LIMITS = {"connect_rate": 1e6, "connect_burst": 100000,
+               "max_per_ip": 100000}
 
 
 class OutageTests(TestCase):
@@ -145,7 +155,7 @@ class OutageTests(TestCase):
                          (set(), {}))
 
 
-def config_toml(ports, backend_url, prefix):
+def config_toml(ports, backend_url, prefix, extra=""):
     tcp, ws, api, metrics = ports
     return f"""
 [gate]
@@ -173,7 +183,7 @@ redis_url = "{REDIS_URL}"
 redis_prefix = "{prefix}"
 gate_ttl = 1.5
 retry_max = 0.2
-"""
+""" + extra
 
 
 class KilledGateTests(TestCase):
@@ -181,6 +191,8 @@ class KilledGateTests(TestCase):
     A child gate on Redis killed with SIGKILL: its players' pushes are
     kept, and they resume on another gate with their mailboxes.
     """
+
+    log = Logger()
 
     def setUp(self):
         require_redis()
@@ -200,11 +212,11 @@ class KilledGateTests(TestCase):
         self.addCleanup(stop)
         return f"http://127.0.0.1:{port.getHost().port}"
 
-    async def spawn_gate(self, backend_url):
+    async def spawn_gate(self, backend_url, extra=""):
         ports = free_ports(4)
         path = os.path.abspath(self.mktemp() + ".toml")
         with open(path, "w") as f:
-            f.write(config_toml(ports, backend_url, self.prefix))
+            f.write(config_toml(ports, backend_url, self.prefix, extra))
         process = TwistdProcess()
         reactor.spawnProcess(
             process, sys.executable,
@@ -269,3 +281,82 @@ class KilledGateTests(TestCase):
             record = await api_b.player(name)
             self.assertEqual((record["gate_id"], record["online"]),
                              ("B", True))
+
+    async def test_players_resume_elsewhere(self):
+        """
+        The SIGKILL proof of issue 4: many players on the child gate (TCP
+        and WebSocket), persistent pushes flowing through B's push API the
+        whole time; the child is killed. Each player's L{GateClient},
+        given both gates' addresses, fails to reach the dead one, moves on
+        to B and resumes there; every push the API acknowledged
+        (C{delivered} or C{queued}) is handed to it exactly once and in
+        order, those answered C{queued} while it was between gates too.
+        """
+        backend_url = await self.start_backend()
+        process, child = await self.spawn_gate(
+            backend_url, "\n[limits]\nconnect_rate = 1000000.0\n"
+            "connect_burst = 100000\nmax_per_ip = 100000\n")
+        b = cluster_gate(self, "B", self.prefix, limits=OPEN_LIMITS)
+        await reachable(b)
+        names = [f"k{i}" for i in range(KILLED_PLAYERS)]
+
+        def make(name):
+            transport = "ws" if int(name[1:]) % 5 == 4 else "tcp"
+            client = ProofClient([address_of(child, transport),
+                                  address_of(b, transport)], name,
+                                 max_backoff=1.0)
+            client.b_address = parse_address(address_of(b, transport))
+            return client
+
+        clients = await connect_all(self, make, names)
+        pusher = Pusher(self, {"B": HTTP(self, b).base}, names, batch=50,
+                        interval=0.02)
+        pusher.start()
+        await until(lambda: pusher.calls >= 10, "pushes to flow", SLOW)
+        self.assertEqual(pusher.answers["queued"], 0)
+        killed_at = reactor.seconds()
+        process.transport.signalProcess("KILL")
+        await process.wait_ended(EXIT_TIMEOUT)
+
+        def resumed():
+            return all(c.first("resumed", killed_at) is not None
+                       for c in clients)
+
+        await until(resumed, Describe(lambda: "every player to resume on B: "
+                                      + stuck(clients, "resumed",
+                                              killed_at)), SLOW)
+        recovered = max(c.first("resumed", killed_at) for c in clients)
+        calls = pusher.calls
+        await until(lambda: pusher.calls >= calls + 10,
+                    "pushes after the players resumed", SLOW)
+        await pusher.stop()
+
+        records = await last_seqs(self, b, names)
+
+        def handed_all():
+            return all(len(c.seqs) >= records[c.name]["last_seq"]
+                       for c in clients)
+
+        await until(handed_all, "every client to be handed its pushes", SLOW)
+        self.assertEqual(check_runs(clients, records, pusher), [])
+        self.assertEqual(pusher.bad, [])
+        # Some pushes found the players between gates, and were kept.
+        self.assertGreater(pusher.answers["queued"], 0)
+        for client in clients:
+            self.assertTrue(client.connected, client.name)
+            self.assertEqual(client.address, client.b_address, client.name)
+            self.assertEqual(client.states.count("logged_in"), 1,
+                             client.name)
+            self.assertNotIn("resume_failed", client.states, client.name)
+            self.assertEqual(records[client.name]["gate_id"], "B")
+        self.log.info(
+            "SIGKILL proof: {n} players resumed on B within {took:.2f} s "
+            "of the kill (each: min/p50/p90/max {each}); {calls} push "
+            "calls ({delivered} delivered, {queued} queued)",
+            n=len(clients), took=recovered - killed_at,
+            each="/".join(f"{v:.2f}" for v in spread(
+                [c.first("resumed", killed_at) - killed_at
+                 for c in clients])),
+            calls=pusher.calls, delivered=pusher.answers["delivered"],
+            queued=pusher.answers["queued"])
+

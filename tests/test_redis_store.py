@@ -24,6 +24,7 @@ from gate.mailbox import Entry
 from gate.player import Location
 from mmogate_plugins.memory import (MemoryClusterBus, MemoryMailboxStore,
                                     MemoryPlayerDirectory)
+from gate.session import read_paged
 from mmogate_plugins.redis import RedisStore, parse_url
 from tests.e2e import TIMEOUT, until, within
 from tests.mailbox_contract import MailboxStoreContract
@@ -319,6 +320,25 @@ class RedisDirectoryTests(RedisCase):
         location = await a.lookup("p")
         self.assertEqual((location.gate_id, location.session_id), last)
         self.assertEqual(len({r.epoch for r in results}), 1)
+
+    async def test_claims_are_numbered(self):
+        """
+        Each claim answers its number and the number of the claim that
+        made the session it replaces: a kick names it, so that a later
+        claim of the same session is not taken for the one replaced.
+        """
+        store = await start_store(self, self.prefix)
+        first = await store.claim("p", "A", "s", 1.0)
+        self.assertEqual((first.number, first.previous), (1, None))
+        second = await store.claim("p", "B", "t", 2.0)
+        self.assertEqual((second.number, second.previous.session_id,
+                          second.previous_number), (2, "s", 1))
+        third = await store.claim("p", "A", "s", 3.0)
+        self.assertEqual((third.number, third.previous.session_id,
+                          third.previous_number), (3, "t", 2))
+        await store.release("p", "A", "s", 4.0)
+        fourth = await store.claim("p", "A", "s2", 5.0)
+        self.assertEqual((fourth.number, fourth.previous), (4, None))
 
     def test_parse_url(self):
         self.assertEqual(parse_url("redis://:pw@h:7000/3")["password"], "pw")
@@ -671,6 +691,22 @@ class BanTests(RedisCase):
         self.assertEqual(claim.previous.session_id, "s2")
         self.assertEqual((await store.lookup("alice")).session_id, "s3")
 
+    async def test_ban_revokes_up_to_the_last_claim(self):
+        """
+        A token is issued as of its claim; a ban Redis records after that
+        claim revokes it even when the ban was sent (stamped) before it:
+        the revocation reaches the player's last claim.
+        """
+        store = await start_store(self, self.prefix)
+        epoch = (await store.claim("alice", "A", "s1", 100.0)).epoch
+        await store.ban("alice", 100.5, 99.0, 86400.0)
+        self.assertEqual(await redis_command(
+            "HGET", self.prefix + "b:alice", "r"), b"100.0")
+        failure = await within(
+            store.claim("alice", "B", "s2", 101.0, epoch, 100.0).addErrback(
+                lambda f: f.value), TIMEOUT, "a claim")
+        self.assertEqual(failure.code, "resume_rejected")
+
     async def test_ban_record(self):
         store = await start_store(self, self.prefix)
         await store.ban("alice", 1100.0, 1000.0, 10.0)
@@ -687,6 +723,75 @@ class BanTests(RedisCase):
         self.assertGreater(int(await redis_command("PTTL", key)), 90000)
         await store.ban("alice", 1000.0, 900.0, 10.0)
         self.assertEqual(await redis_command("HMGET", key, "r"), [b"1050.0"])
+
+
+class PageTests(RedisCase):
+    async def test_read_after_pages(self):
+        """
+        A long mailbox is read a page at a time (C{read_paged}): each
+        read holds at most C{page_size} entries, and the pages together
+        are the whole mailbox, with the gap (if any) on the first.
+        """
+        store = await start_store(self, self.prefix, max_entries=450)
+        self.assertEqual(store.page_size, 200)
+        await store.claim("a", "g", "s", 1.0)
+        for i in range(460):
+            await place(store, "g", ["a"], i)
+        gap, entries = await store.read_after("a", 0, 200)
+        self.assertEqual((gap, [e.seq for e in entries]),
+                         ((1, 10), list(range(11, 211))))
+        read = []
+        gap, entries, more = await read_paged(store, "a", 0)
+        self.assertEqual(gap, (1, 10))
+        while True:
+            read.append(len(entries))
+            if more is None:
+                break
+            last = entries[-1].seq
+            gap, entries, more = await more(last)
+            self.assertIsNone(gap)
+        self.assertEqual(read, [200, 200, 50])
+
+
+class RestartTests(RedisCase):
+    """
+    A gate that restarts under the same C{gate.id}: the sessions its
+    earlier process claimed are gone, whatever the new heartbeat says, and
+    the new process takes their players over.
+    """
+
+    async def test_sessions_of_an_earlier_process(self):
+        old = await start_store(self, self.prefix, gate="A")
+        await old.heartbeat("A", 1)
+        epoch = (await old.claim("bob", "A", "s1", 1.0)).epoch
+        await old.claim("carol", "A", "s2", 1.0)
+        await old.release("carol", "A", "s2", 2.0)
+        await old.claim("dave", "A", "s3", 1.0)
+        await old.claim("dave", "B", "s4", 1.5)
+        self.assertEqual(await place(old, "A", ["bob"], 1),
+                         [("delivered", 1)])
+        # A new process of gate A (the old one died without a word).
+        new = await start_store(self, self.prefix, gate="A")
+        self.assertFalse(await new.heartbeat("A", 0))
+        self.assertEqual(await place(new, "A", ["bob"], 2), [("offline", 2)])
+        self.assertFalse(await new.send_to_player("bob", "kick", b"{}"))
+        location, _, _, alive = await new.info("bob")
+        self.assertEqual((location.session_id, alive), ("s1", False))
+        # It takes over what the old one left: bob (online then) and carol
+        # (offline there); dave lives on gate B.
+        adopted = sorted(await new.adopt("A", 10.0))
+        self.assertEqual(adopted, [("bob", epoch, 10.0, "s1"),
+                                   ("carol", adopted[1][1], 2.0, None)])
+        self.assertEqual((await new.lookup("bob")).session_id, None)
+        self.assertEqual(await new.adopt("A", 11.0), [])
+        self.assertEqual(sorted(await redis_command(
+            "SMEMBERS", self.prefix + "s:A")), [b"bob", b"carol"])
+        self.assertTrue(await new.expire("bob", "A", epoch))
+        self.assertEqual(await redis_command(
+            "SMEMBERS", self.prefix + "s:A"), [b"carol"])
+        # The old process leaving does not take the new one's heartbeat.
+        await within(old.stop("A"), TIMEOUT, "the old process to stop")
+        self.assertTrue(await new.heartbeat("A", 0))
 
 
 class OutageTests(RedisCase):

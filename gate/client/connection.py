@@ -528,7 +528,9 @@ class GateClient:
             if retry and self._reconnect and self._current.moving:
                 # The old gate closes that session anyway: try again (its
                 # store may have been slow; the claim may even have held).
-                info["delay"] = self._scheduleRetry()
+                delay = self._scheduleRetry()
+                if delay is not None:
+                    info["delay"] = delay
             self._emit("migration_failed", addr=str(link.address),
                        code=error.code, msg=error.msg, **info)
         elif retry and self._reconnect:
