@@ -40,7 +40,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gate import errors
-from gate.envelope import Outgoing, encode
+from gate.envelope import Outgoing, PushTemplate, encode
 from gate.errors import GateError
 from gate.player import PushResult
 from gate.session import read_paged
@@ -67,28 +67,6 @@ class StoreUnavailable(GateError):
 
     def __str__(self):
         return self.msg
-
-
-class RemotePush:
-    """
-    A push as it arrives from the bus: the envelope's bytes without the
-    closing brace (L{gate.envelope.PushTemplate}), its seq spliced in per
-    player and the transient message shared.
-    """
-
-    __slots__ = ("_head", "_transient")
-
-    def __init__(self, head):
-        self._head = head
-        self._transient = None
-
-    def transient(self):
-        if self._transient is None:
-            self._transient = Outgoing(self._head + b"}")
-        return self._transient
-
-    def with_seq(self, seq):
-        return Outgoing(b"%s,\"seq\":%d}" % (self._head, seq), seq=seq)
 
 
 class Missed:
@@ -197,8 +175,7 @@ class Cluster:
         ids = list(dict.fromkeys(player_ids))
         if not ids:
             return succeed(PushResult())
-        head = encode({"t": "push", "route": route, "data": data,
-                       "ts": ts})[:-1]
+        head = PushTemplate(route, data, ts).head
         d = self.bus.place(self.gate_id, ids, head, ts, persist)
 
         def placed(outcomes):
@@ -382,7 +359,7 @@ class Cluster:
         players.replaced_elsewhere(session, "replaced", msg)
 
     def _deliver(self, to, head):
-        push = RemotePush(head)
+        push = PushTemplate.from_head(head)
         sessions = self.sessions.sessions
         binding = self.players.binding
         for player_id, session_id, seq in to:

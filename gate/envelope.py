@@ -279,6 +279,26 @@ class PushTemplate:
         self._head = body[:-1]
         self._transient = None
 
+    @property
+    def head(self):
+        """
+        The encoded push without its closing brace: what a shared store
+        carries to other gates (L{from_head}).
+        """
+        return self._head
+
+    @classmethod
+    def from_head(cls, head):
+        """
+        The template of a push another gate encoded (L{head}); its route,
+        data and time are not decoded again.
+        """
+        template = cls.__new__(cls)
+        template.route = template.data = template.ts = None
+        template._head = head
+        template._transient = None
+        return template
+
     def transient(self):
         """
         The message without a seq, shared by every recipient.

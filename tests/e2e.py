@@ -452,6 +452,8 @@ class HTTP:
         self.base = f"http://{host}:{port}"
         self.key = key
         self.pool = HTTPConnectionPool(reactor, persistent=False)
+        #: An Agent to send through instead (HTTPS), sharing the pool.
+        self.agent = None
         test.addCleanup(self.pool.closeCachedConnections)
 
     async def call(self, method, path, body=None, *, data=None, key=None,
@@ -472,9 +474,11 @@ class HTTP:
         if data is not None:
             all_headers[b"Content-Type"] = [b"application/json"]
         all_headers.update(headers or {})
+        route = ({"agent": self.agent} if self.agent is not None
+                 else {"pool": self.pool})
         response = await within(
             treq.request(method, self.base + path, data=data,
-                         headers=all_headers, pool=self.pool),
+                         headers=all_headers, **route),
             TIMEOUT, f"an answer to {method} {path}")
         raw = await within(treq.content(response), TIMEOUT,
                            f"the body of {method} {path}")

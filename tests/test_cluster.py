@@ -17,8 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from gate.cluster import RemotePush
-from gate.envelope import encode
+from gate.envelope import PushTemplate, encode
 from mmogate_plugins.redis import _b
 from tests.e2e import (HTTP, auth_token, connect_tcp, connect_ws, events_of,
                        start_gate, until)
@@ -146,7 +145,8 @@ class PushTests(ClusterCase):
             client.assert_nothing_pending()
 
     def test_remote_push_encoding(self):
-        push = RemotePush(b'{"t":"push","route":"r","data":1,"ts":2.5')
+        push = PushTemplate.from_head(
+            b'{"t":"push","route":"r","data":1,"ts":2.5')
         self.assertEqual(push.with_seq(7).payload,
                          b'{"t":"push","route":"r","data":1,"ts":2.5,"seq":7}')
         self.assertEqual(push.with_seq(7).seq, 7)

@@ -210,7 +210,11 @@ class ClosingUnderLoadMixin:
         return {}
 
     async def connect(self, gate):
-        raise NotImplementedError()
+        """
+        A L{RecordingClient} connected to C{gate} over the subclass's
+        transport (plain TCP or TLS).
+        """
+        raise NotImplementedError("each transport's test class connects")
 
     async def _connect(self, endpoint):
         client = await within(connectProtocol(endpoint, RecordingClient()),

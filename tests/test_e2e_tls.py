@@ -13,7 +13,6 @@ Helpers: L{tests.e2e}.
 import json
 import struct
 
-import treq
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -44,24 +43,6 @@ class HTTPS(HTTP):
         trust = load_trust_root(ca_file) if ca_file else None
         self.agent = Agent(reactor, BrowserLikePolicyForHTTPS(trust),
                            pool=self.pool)
-
-    async def call(self, method, path, body=None, **kw):
-        headers = {b"Authorization": [b"Bearer " + self.key.encode()]}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            headers[b"Content-Type"] = [b"application/json"]
-        response = await within(
-            treq.request(method, self.base + path, data=data,
-                         headers=headers, agent=self.agent),
-            TIMEOUT, f"an answer to {method} {path}")
-        raw = await within(treq.content(response), TIMEOUT,
-                           f"the body of {method} {path}")
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            parsed = None
-        return response.code, parsed, raw
 
 
 def tls_gate(test, pki, **sections):
